@@ -1,0 +1,95 @@
+"""EngineConfig: every engine setting in one frozen, validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from python_backends.engine.errors import ConfigError
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings. Fill from Triton `config.pbtxt` parameters with `from_parameters`."""
+
+    model_dir: str = ""
+    dtype: str = "auto"  # auto: float32 on the CPU, bfloat16 on a GPU
+    device: str = "auto"  # auto: cuda when available, else cpu
+    block_size: int = 16  # tokens per KV-cache block
+    kv_cache_bytes: int = 1 << 30  # KV-cache budget on the CPU
+    gpu_memory_utilization: float = 0.85  # share of free GPU memory for the KV cache
+    max_num_seqs: int = 64  # sequences decoded together (the running batch)
+    max_num_batched_tokens: int = 0  # prompt tokens per prefill step; 0: max_model_len
+    max_model_len: int = 0  # prompt + output tokens; 0: the model's own limit
+    num_threads: int = 0  # torch CPU threads; 0: every core
+    enforce_eager: bool = True  # CUDA graphs are for a later step; CPU is always eager
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be auto or one of {_DTYPES}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        for name in ("block_size", "kv_cache_bytes", "max_num_seqs"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_num_batched_tokens", "max_model_len", "num_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.model_dir and not (Path(self.model_dir) / "config.json").exists():
+            raise ConfigError(f"model_dir {self.model_dir!r} has no config.json")
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, str]) -> EngineConfig:
+        """Build from string parameters (Triton's `parameters { key, value { string_value } }`).
+
+        Empty values mean "use the default" so a config.pbtxt can list every key.
+        Environment variables `LLM_ENGINE_<KEY>` override, for tests and benchmarks.
+        """
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        values: dict[str, Any] = {}
+        merged = dict(parameters)
+        for name in fields:
+            env = os.environ.get(f"LLM_ENGINE_{name.upper()}")
+            if env is not None:
+                merged[name] = env
+        for key, raw in merged.items():
+            if key not in fields:
+                continue
+            raw = str(raw).strip()
+            if raw == "":
+                continue
+            values[key] = _parse(key, raw, fields[key].type)
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k != "extra"})
+
+
+def _parse(key: str, raw: str, annotation: Any) -> Any:
+    kind = str(annotation)
+    try:
+        if kind == "bool":
+            lowered = raw.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(float(raw)) if "e" in raw.lower() else int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"parameter {key!r}: cannot parse {raw!r} as {kind}") from None
+    return raw

@@ -1,0 +1,325 @@
+"""A compact Llama (SmolLM2, Llama 3.x) whose attention reads a paged KV cache.
+
+Linear layers run on the flattened tokens of the whole batch ([num_tokens, hidden]); only
+attention needs per-sequence structure, which `AttentionMetadata` describes. Weights load
+from a Hugging Face safetensors checkpoint; q/k/v and gate/up are fused at load time so a
+layer costs four matrix multiplies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope_scaling: dict | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> LlamaConfig:
+        heads = raw["num_attention_heads"]
+        rope_theta = raw.get("rope_theta")
+        rope_params = raw.get("rope_parameters") or {}
+        if rope_theta is None:
+            rope_theta = rope_params.get("rope_theta", 10000.0)
+        rope_scaling = raw.get("rope_scaling")
+        if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
+            rope_scaling = rope_params
+        eos = raw.get("eos_token_id")
+        return cls(
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            rope_scaling=rope_scaling,
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> LlamaConfig:
+        raw = json.loads((Path(model_dir) / "config.json").read_text())
+        arch = raw.get("model_type", "llama")
+        if arch != "llama":
+            raise ValueError(f"only Llama-architecture models are supported, got {arch!r}")
+        return cls.from_dict(raw)
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence's queries and keys are, for one forward pass.
+
+    Prefill: queries of sequence i are rows query_start[i]:query_start[i+1] of the flattened
+    batch, at positions context_len[i]-query_len[i] ... context_len[i]-1. Decode is the special
+    case of one query per sequence.
+    """
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [num_tokens] flat cache slot for each new token
+    context_lens: torch.Tensor  # [batch] tokens in cache after this step, per sequence
+    block_tables: torch.Tensor  # [batch, max_blocks] (padded with 0; masked by context_lens)
+    query_start: list[int]  # [batch + 1] (prefill only)
+    context_lens_list: list[int]  # same as context_lens, on the host
+    last_token_rows: torch.Tensor  # [batch] row of each sequence's last token
+
+
+def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        # Llama 3.1+ frequency-dependent scaling (long-context extension).
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        raise ValueError(f"unsupported rope scaling {scaling!r}")
+    return inv_freq.float()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In float32 like the reference, whatever the activation dtype.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.split = (q_size, kv_size, kv_size)
+        self.scale = self.head_dim**-0.5
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        n = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(self.split, dim=-1)
+        q = apply_rope(q.view(n, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        # k_cache: [num_blocks, block_size, kv_heads, head_dim]; flat slots index tokens.
+        k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
+        v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
+        if meta.is_prefill:
+            out = self._prefill(q, k, v, k_cache, v_cache, meta)
+        else:
+            out = self._decode(q, k_cache, v_cache, meta)
+        return self.o_proj(out.reshape(n, -1))
+
+    def _prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        outputs = []
+        starts = meta.query_start
+        for i in range(len(starts) - 1):
+            lo, hi = starts[i], starts[i + 1]
+            q_len, ctx_len = hi - lo, meta.context_lens_list[i]
+            qi = q[lo:hi].transpose(0, 1)  # [heads, q_len, dim]
+            if ctx_len == q_len:
+                # Nothing cached before this chunk: attend to the fresh keys, plain causal.
+                ki, vi = k[lo:hi].transpose(0, 1), v[lo:hi].transpose(0, 1)
+                mask, causal = None, True
+            else:
+                ki, vi = self._gather(k_cache, v_cache, meta.block_tables[i : i + 1], ctx_len)
+                ki, vi = ki[0], vi[0]
+                rows = torch.arange(ctx_len - q_len, ctx_len, device=q.device)[:, None]
+                mask = torch.arange(ctx_len, device=q.device)[None, :] <= rows
+                causal = False
+            out = F.scaled_dot_product_attention(
+                qi, ki, vi, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True
+            )
+            outputs.append(out.transpose(0, 1))
+        return torch.cat(outputs, dim=0)
+
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        max_len = max(meta.context_lens_list)
+        keys, values = self._gather(k_cache, v_cache, meta.block_tables, max_len)
+        positions = torch.arange(max_len, device=q.device)
+        mask = (positions[None, :] < meta.context_lens[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q[:, :, None, :], keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
+        )
+        return out[:, :, 0, :]
+
+    def _gather(self, k_cache, v_cache, block_tables: torch.Tensor, length: int):
+        """Keys and values of `length` tokens for each row of `block_tables`: [b, kv, len, d]."""
+        block_size = k_cache.shape[1]
+        num_blocks = (length + block_size - 1) // block_size
+        table = block_tables[:, :num_blocks]
+        b = table.shape[0]
+        keys = k_cache[table].view(b, num_blocks * block_size, self.num_kv_heads, self.head_dim)
+        values = v_cache[table].view(b, num_blocks * block_size, self.num_kv_heads, self.head_dim)
+        return keys[:, :length].transpose(1, 2), values[:, :length].transpose(1, 2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Half-split rotation, the Hugging Face Llama layout. cos/sin: [tokens, head_dim // 2].
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, hidden, cos, sin, k_cache, v_cache, meta):
+        hidden = hidden + self.self_attn(
+            self.input_layernorm(hidden), cos, sin, k_cache, v_cache, meta
+        )
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Logits of each sequence's last token: [batch, vocab] in float32."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        cos, sin = freqs.cos(), freqs.sin()
+        hidden = self.embed_tokens(input_ids)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+            hidden = layer(hidden, cos, sin, k_cache, v_cache, meta)
+        last = self.norm(hidden[meta.last_token_rows])
+        return self.lm_head(last).float()
+
+    def load_hf_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a Hugging Face Llama state dict, fusing q/k/v and gate/up."""
+        own = self.state_dict()
+        loaded: set[str] = set()
+
+        def put(name: str, tensor: torch.Tensor) -> None:
+            target = own[name]
+            if target.shape != tensor.shape:
+                raise ValueError(
+                    f"{name}: expected {tuple(target.shape)}, got {tuple(tensor.shape)}"
+                )
+            target.copy_(tensor)
+            loaded.add(name)
+
+        def get(name: str) -> torch.Tensor:
+            for key in (name, f"model.{name}"):
+                if key in state:
+                    return state[key]
+            raise KeyError(f"checkpoint has no tensor {name!r}")
+
+        put("embed_tokens.weight", get("embed_tokens.weight"))
+        put("norm.weight", get("norm.weight"))
+        if not self.config.tie_word_embeddings:
+            put("lm_head.weight", get("lm_head.weight"))
+        for i in range(self.config.num_hidden_layers):
+            p = f"layers.{i}"
+            attn = [get(f"{p}.self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
+            put(f"{p}.self_attn.qkv_proj.weight", torch.cat(attn, dim=0))
+            put(f"{p}.self_attn.o_proj.weight", get(f"{p}.self_attn.o_proj.weight"))
+            mlp = [get(f"{p}.mlp.{n}_proj.weight") for n in ("gate", "up")]
+            put(f"{p}.mlp.gate_up_proj.weight", torch.cat(mlp, dim=0))
+            put(f"{p}.mlp.down_proj.weight", get(f"{p}.mlp.down_proj.weight"))
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                put(f"{p}.{norm}.weight", get(f"{p}.{norm}.weight"))
+        tied = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
+        missing = set(own) - loaded - tied
+        if missing:
+            raise ValueError(f"weights missing from checkpoint: {sorted(missing)[:5]}")
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    from safetensors.torch import load_file
+
+    config = LlamaConfig.from_model_dir(model_dir)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device=device)
+    model.inv_freq = rope_inv_freq(config).to(device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        state.update(load_file(str(path), device=str(device)))
+    if not state:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    with torch.no_grad():
+        model.load_hf_weights(state)
+    return model.to(dtype).eval()

@@ -1,0 +1,201 @@
+"""EngineLoop: runs an LLMEngine on its own thread for a server (Triton's decoupled model).
+
+Other threads `submit()` requests with a sink that receives each RequestOutput, and `stop()`
+them by their external id; the loop thread is the only one that touches the engine. Each
+iteration drains the inbox (so new requests join the running batch at once), polls
+cancellation, runs one engine step and hands outputs to the sinks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from python_backends.engine.engine import LLMEngine, RequestOutput
+from python_backends.engine.errors import EngineError
+from python_backends.engine.sampling import SamplingParams
+from python_backends.engine.sequence import FinishReason
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[RequestOutput], None]
+
+
+@dataclass
+class _Submission:
+    key: str
+    external_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    sink: Sink
+    is_cancelled: Callable[[], bool] | None
+    on_error: Callable[[Exception], None]
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, cancel_poll_interval_s: float = 0.05) -> None:
+        self.engine = engine
+        self.cancel_poll_interval_s = cancel_poll_interval_s
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._live: dict[str, _Submission] = {}
+        self._keys = itertools.count()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._last_cancel_poll = 0.0
+        self.num_aborted = 0  # requests ended early: cancelled, stopped or client gone
+        # Called on the loop thread after every iteration, idle ones included (about every
+        # 0.5 s), so it also sees aborts: e.g. to publish metrics.
+        self.on_step: Callable[[LLMEngine], None] | None = None
+
+    def start(self) -> EngineLoop:
+        self._thread.start()
+        return self
+
+    def submit(
+        self,
+        external_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        sink: Sink,
+        *,
+        priority: int = 1,
+        is_cancelled: Callable[[], bool] | None = None,
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> str:
+        """Queue a request; raises InvalidRequestError at once if it can never be served."""
+        self.engine.validate(prompt_token_ids, params)
+        key = f"{external_id}#{next(self._keys)}"
+        submission = _Submission(
+            key, external_id, list(prompt_token_ids), params, priority, sink, is_cancelled,
+            on_error or (lambda exc: log.error("request %s failed: %s", external_id, exc)),
+        )
+        self._inbox.put(("add", submission))
+        return key
+
+    def stop(self, external_id: str) -> None:
+        """Stop every in-flight request with this external id (the TensorRT-LLM `stop`)."""
+        self._inbox.put(("stop", external_id))
+
+    def abort(self, key: str) -> None:
+        self._inbox.put(("abort", key))
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        self._stopping.set()
+        self._inbox.put(("wake", None))
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    @property
+    def num_live(self) -> int:
+        return len(self._live)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._drain_inbox(block=not self.engine.has_unfinished())
+                if self._stopping.is_set():
+                    break
+                self._poll_cancellation()
+                outputs = self.engine.step()
+            except Exception as exc:  # the loop must survive anything one step throws
+                log.exception("engine step failed")
+                self._fail_all(exc)
+                continue
+            for out in outputs:
+                self._deliver(out)
+            if self.on_step is not None:
+                self.on_step(self.engine)
+        self._fail_all(EngineError("the engine is shutting down"))
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, kind: str, payload: object) -> None:
+        if kind == "add":
+            sub = payload  # type: ignore[assignment]
+            assert isinstance(sub, _Submission)
+            try:
+                self.engine.add_request(sub.key, sub.prompt_token_ids, sub.params, sub.priority)
+            except EngineError as exc:
+                sub.on_error(exc)
+                return
+            self._live[sub.key] = sub
+        elif kind == "stop":
+            for key, sub in list(self._live.items()):
+                if sub.external_id == payload:
+                    self._finish_aborted(key)
+        elif kind == "abort":
+            self._finish_aborted(str(payload))
+
+    def _poll_cancellation(self) -> None:
+        now = time.monotonic()
+        if now - self._last_cancel_poll < self.cancel_poll_interval_s:
+            return
+        self._last_cancel_poll = now
+        for key, sub in list(self._live.items()):
+            if sub.is_cancelled is None:
+                continue
+            try:
+                cancelled = sub.is_cancelled()
+            except Exception:  # a dead client connection reads as cancelled
+                cancelled = True
+            if cancelled:
+                # Still send the final flag: Triton releases the request only then.
+                self._finish_aborted(key)
+
+    def _finish_aborted(self, key: str, notify: bool = True) -> None:
+        seq = self.engine.abort_request(key)
+        sub = self._live.pop(key, None)
+        if sub is not None or seq is not None:
+            self.num_aborted += 1
+        if sub is None or not notify:
+            return
+        out = RequestOutput(
+            request_id=key, new_token_ids=(), finished=True, finish_reason=FinishReason.ABORT,
+            num_prompt_tokens=len(sub.prompt_token_ids),
+            num_output_tokens=seq.num_output_tokens if seq else 0,
+            num_cached_tokens=seq.num_cached_tokens if seq else 0,
+        )
+        self._safe_sink(sub, out)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        sub = self._live.get(out.request_id)
+        if sub is None:
+            return
+        if out.finished:
+            del self._live[out.request_id]
+        if not self._safe_sink(sub, out) and not out.finished:
+            # The client is gone: free the slot now rather than decode for nobody.
+            self._finish_aborted(out.request_id, notify=False)
+
+    def _safe_sink(self, sub: _Submission, out: RequestOutput) -> bool:
+        try:
+            sub.sink(out)
+            return True
+        except Exception as exc:
+            log.warning("could not deliver output of %s: %s", sub.external_id, exc)
+            return False
+
+    def _fail_all(self, exc: Exception) -> None:
+        for key, sub in list(self._live.items()):
+            self.engine.abort_request(key)
+            self._live.pop(key, None)
+            try:
+                sub.on_error(exc)
+            except Exception:
+                log.exception("on_error failed for %s", sub.external_id)

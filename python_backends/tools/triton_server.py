@@ -1,0 +1,179 @@
+"""Start and stop real `tritonserver` processes from the nvidia-pytriton wheel.
+
+The wheel ships the C++ server, the Python backend and a stub per Python minor version; the
+stub must be copied next to the backend and run with the wheel's shared libraries on
+LD_LIBRARY_PATH. This module owns that recipe so `serve`, the tests and the benchmarks start
+Triton the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from python_backends.paths import MODEL_REPOSITORY, REPO_ROOT, TOOLS_DIR
+
+DEFAULT_BACKEND_DIR = TOOLS_DIR / "triton" / "backends"
+
+
+def pytriton_dir() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("nvidia-pytriton is not installed (run `make setup`)")
+    return Path(spec.origin).parent / "tritonserver"
+
+
+def pytriton_libs() -> Path:
+    return pytriton_dir().parent.parent / "nvidia_pytriton.libs"
+
+
+def prepare_backend_dir(backend_dir: Path = DEFAULT_BACKEND_DIR) -> Path:
+    """Copy the Python backend and the stub for this interpreter into `backend_dir`."""
+    source = pytriton_dir()
+    python_dir = backend_dir / "python"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = source / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise RuntimeError(f"the pytriton wheel has no Python-backend stub for Python {version}")
+    marker = python_dir / ".stub-version"
+    if marker.exists() and marker.read_text() == version:
+        return backend_dir
+    if python_dir.exists():
+        shutil.rmtree(python_dir)
+    shutil.copytree(source / "backends" / "python", python_dir)
+    shutil.copy2(stub, python_dir / "triton_python_backend_stub")
+    marker.write_text(version)
+    return backend_dir
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    libs = [str(pytriton_libs())]
+    if env.get("LD_LIBRARY_PATH"):
+        libs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = ":".join(libs)
+    # The stub imports packages from whichever python is first on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["PYTHONPATH"] = ":".join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    if extra:
+        env.update(extra)
+    return env
+
+
+@dataclass
+class TritonServer:
+    """One tritonserver process; `start()` then `wait_ready()`, `stop()` when done."""
+
+    model_repository: Path = MODEL_REPOSITORY
+    http_port: int = field(default_factory=free_port)
+    grpc_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    models: Sequence[str] | None = None  # None: load every model in the repository
+    extra_args: Sequence[str] = ()
+    env: dict[str, str] | None = None
+    log_path: Path | None = None
+    exit_timeout_s: int = 5
+    process: subprocess.Popen | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    def command(self) -> list[str]:
+        args = [
+            str(pytriton_dir() / "bin" / "tritonserver"),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={prepare_backend_dir()}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            "--log-verbose=0",
+        ]
+        if self.models is not None:
+            args.append("--model-control-mode=explicit")
+            args.extend(f"--load-model={name}" for name in self.models)
+        return args + list(self.extra_args)
+
+    def start(self) -> TritonServer:
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        # A new session: Ctrl-C in the terminal reaches only our supervisor, which then
+        # stops the server (and its stub processes) in order.
+        self.process = subprocess.Popen(
+            self.command(), env=server_env(self.env), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def is_ready(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout_s: float = 180.0) -> TritonServer:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"tritonserver exited with code {self.process.returncode}; "
+                    f"see {self.log_path or 'its output'}"
+                )
+            if self.is_ready():
+                return self
+            time.sleep(0.2)
+        raise TimeoutError(f"tritonserver not ready within {timeout_s:.0f} s")
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL the whole process group if it outlives `timeout_s`."""
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return proc.returncode if proc else None
+        try:
+            proc.send_signal(signal.SIGTERM)
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            # Stub processes share the group; none may outlive the server.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Prepare Triton's backend directory.")
+    parser.add_argument("--backend-dir", type=Path, default=DEFAULT_BACKEND_DIR)
+    args = parser.parse_args(argv)
+    path = prepare_backend_dir(args.backend_dir)
+    print(f"tritonserver: {pytriton_dir() / 'bin' / 'tritonserver'}")
+    print(f"python backend + stub {sys.version_info.major}.{sys.version_info.minor}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Small helpers shared by the Triton Python models (imported only inside Triton)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+
+def model_parameters(args: dict) -> dict[str, str]:
+    """`parameters { key: ..., value { string_value: ... } }` of config.pbtxt as a dict."""
+    config = json.loads(args["model_config"])
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def input_arrays(request: Any) -> dict[str, np.ndarray]:
+    return {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
+
+
+def request_parameters(request: Any) -> dict[str, Any]:
+    try:
+        params = json.loads(request.parameters() or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return params if isinstance(params, dict) else {}
+
+
+def start_parent_watchdog(interval_s: float = 1.0) -> None:
+    """Exit this stub process when the Triton server that started it is gone.
+
+    If the server exits while streams are open (past --exit-timeout-secs) it never calls
+    finalize(), and the stub's threads would block on the dead server for ever.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                logging.getLogger(__name__).warning("Triton server is gone; stub exiting")
+                os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()

@@ -1,0 +1,127 @@
+"""The engine against transformers on the real SmolLM2 weights (CPU, no server)."""
+
+import pytest
+import torch
+
+from python_backends.engine import EngineConfig, InvalidRequestError, LLMEngine, SamplingParams
+from python_backends.engine.config import ConfigError
+from python_backends.text import encode_prompt, load_tokenizer
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return load_tokenizer(model_dir)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return LLMEngine(EngineConfig(model_dir=model_dir, kv_cache_bytes=256 << 20))
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    out = {}
+    for prompt in PROMPTS:
+        ids = encode_prompt(tokenizer, prompt, chat=True)
+        gen = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+        tokens = gen[0, len(ids):].tolist()
+        if tokens and tokens[-1] == tokenizer.eos_token_id:
+            tokens = tokens[:-1]
+        out[prompt] = (ids, tokens)
+    return out
+
+
+def test_greedy_batch_matches_transformers(engine, reference, tokenizer):
+    prompts = [reference[p][0] for p in PROMPTS]
+    params = SamplingParams(max_tokens=24, end_id=tokenizer.eos_token_id)
+    outputs = engine.generate(prompts, params)
+    for prompt, got in zip(PROMPTS, outputs, strict=True):
+        assert got == reference[prompt][1], prompt
+
+
+def test_batching_does_not_change_results(engine, reference, tokenizer):
+    params = SamplingParams(max_tokens=24, end_id=tokenizer.eos_token_id)
+    alone = [engine.generate([reference[p][0]], params)[0] for p in PROMPTS]
+    together = engine.generate([reference[p][0] for p in PROMPTS], params)
+    assert alone == together
+
+
+def test_seeded_sampling_is_reproducible(engine, reference):
+    ids = reference[PROMPTS[1]][0]
+    params = SamplingParams(max_tokens=16, temperature=0.8, top_k=40, top_p=0.9, seed=1234)
+    first = engine.generate([ids], params)[0]
+    second = engine.generate([ids, reference[PROMPTS[0]][0]], params)[0]
+    assert first == second and len(first) == 16
+
+
+def test_stop_sequence_and_min_tokens(engine, reference, tokenizer):
+    ids, expected = reference[PROMPTS[0]]
+    stop = tuple(expected[2:4])
+    out = engine.generate([ids], SamplingParams(max_tokens=24, stop_token_ids=(stop,)))[0]
+    assert out == expected[:4]  # stops right after the stop sequence, which is kept
+    forced = engine.generate(
+        [ids], SamplingParams(max_tokens=30, min_tokens=30, end_id=tokenizer.eos_token_id)
+    )[0]
+    assert len(forced) == 30 and tokenizer.eos_token_id not in forced
+
+
+def test_bad_words_are_never_generated(engine, reference):
+    ids, expected = reference[PROMPTS[0]]
+    banned = expected[0]
+    out = engine.generate([ids], SamplingParams(max_tokens=8, bad_token_ids=((banned,),)))[0]
+    assert out[0] != banned
+
+
+def test_preemption_under_a_tiny_cache_keeps_outputs(model_dir, reference, tokenizer):
+    # 32 blocks of 4 tokens: three ~40-token prompts fill it; growing needs preemption.
+    small = LLMEngine(EngineConfig(model_dir=model_dir, block_size=4,
+                                   kv_cache_bytes=32 * 4 * 46080))
+    params = SamplingParams(max_tokens=24, end_id=tokenizer.eos_token_id)
+    outputs = small.generate([reference[p][0] for p in PROMPTS], params)
+    assert small.scheduler.num_preemptions > 0
+    assert outputs == [reference[p][1] for p in PROMPTS]
+
+
+def test_invalid_requests_are_rejected_up_front(engine):
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.validate([], SamplingParams())
+    with pytest.raises(InvalidRequestError, match="context window"):
+        engine.validate([1] * engine.max_model_len, SamplingParams())
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        engine.validate([1, 2], SamplingParams(max_tokens=engine.max_model_len))
+    with pytest.raises(InvalidRequestError, match="outside"):
+        engine.validate([10**7], SamplingParams())
+    with pytest.raises(InvalidRequestError):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(InvalidRequestError):
+        SamplingParams(top_p=0.0)
+
+
+def test_abort_frees_everything(engine, reference):
+    engine.add_request("to-abort", reference[PROMPTS[0]][0], SamplingParams(max_tokens=50))
+    engine.step()
+    assert engine.num_running == 1
+    engine.abort_request("to-abort")
+    assert engine.num_running == 0 and not engine.has_unfinished()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_config_errors_name_the_field(model_dir):
+    with pytest.raises(ConfigError, match="block_size"):
+        EngineConfig.from_parameters({"model_dir": model_dir, "block_size": "0"})
+    with pytest.raises(ConfigError, match="dtype"):
+        EngineConfig(dtype="int4")
+    with pytest.raises(ConfigError, match="max_num_seqs"):
+        EngineConfig.from_parameters({"max_num_seqs": "many"})
+    cfg = EngineConfig.from_parameters({"model_dir": model_dir, "block_size": "", "x": "1"})
+    assert cfg.block_size == 16
