@@ -88,6 +88,10 @@ class AttentionMetadata:
     query_start: list[int]  # [batch + 1] (prefill only)
     context_lens_list: list[int]  # same as context_lens, on the host
     last_token_rows: torch.Tensor  # [batch] row of each sequence's last token
+    max_context_len: int = 0
+    # Decode only: 0 where a key position is within the sequence, -inf past it;
+    # [batch, 1, 1, max_context_len], built once per step rather than once per layer.
+    decode_bias: torch.Tensor | None = None
 
 
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
@@ -183,14 +187,14 @@ class Attention(nn.Module):
         return torch.cat(outputs, dim=0)
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        max_len = max(meta.context_lens_list)
-        keys, values = self._gather(k_cache, v_cache, meta.block_tables, max_len)
-        positions = torch.arange(max_len, device=q.device)
-        mask = (positions[None, :] < meta.context_lens[:, None])[:, None, None, :]
-        out = F.scaled_dot_product_attention(
-            q[:, :, None, :], keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
-        )
-        return out[:, :, 0, :]
+        # Grouped-query attention as two batched matmuls: query head h reads kv head
+        # h // group, so [b, heads, d] views as [b, kv_heads, group, d] with no copies.
+        keys, values = self._gather(k_cache, v_cache, meta.block_tables, meta.max_context_len)
+        b = q.shape[0]
+        grouped = q.view(b, self.num_kv_heads, -1, self.head_dim)
+        scores = torch.matmul(grouped, keys.transpose(-1, -2)) * self.scale
+        probs = torch.softmax(scores.float() + meta.decode_bias, dim=-1).to(values.dtype)
+        return torch.matmul(probs, values).reshape(b, -1)
 
     def _gather(self, k_cache, v_cache, block_tables: torch.Tensor, length: int):
         """Keys and values of `length` tokens for each row of `block_tables`: [b, kv, len, d]."""
@@ -198,8 +202,12 @@ class Attention(nn.Module):
         num_blocks = (length + block_size - 1) // block_size
         table = block_tables[:, :num_blocks]
         b = table.shape[0]
-        keys = k_cache[table].view(b, num_blocks * block_size, self.num_kv_heads, self.head_dim)
-        values = v_cache[table].view(b, num_blocks * block_size, self.num_kv_heads, self.head_dim)
+        # index_select on the flat table: advanced indexing (cache[table]) is ~1000x slower
+        # on the CPU for these shapes.
+        flat = table.reshape(-1)
+        shape = (b, num_blocks * block_size, self.num_kv_heads, self.head_dim)
+        keys = k_cache.index_select(0, flat).view(shape)
+        values = v_cache.index_select(0, flat).view(shape)
         return keys[:, :length].transpose(1, 2), values[:, :length].transpose(1, 2)
 
 

@@ -126,14 +126,24 @@ class ModelRunner:
         return self._long(input_ids), self._long(positions), meta
 
     def _metadata(self, is_prefill, slots, context_lens, seqs, query_start) -> AttentionMetadata:
+        lens = self._long(context_lens)
+        max_len = max(context_lens)
+        bias = None
+        if not is_prefill:
+            positions = torch.arange(max_len, device=self.device)
+            bias = torch.zeros(len(seqs), 1, 1, max_len, device=self.device)
+            bias.masked_fill_((positions[None, :] >= lens[:, None])[:, None, None, :],
+                              float("-inf"))
         return AttentionMetadata(
             is_prefill=is_prefill,
             slot_mapping=self._long(slots),
-            context_lens=self._long(context_lens),
+            context_lens=lens,
             block_tables=self._block_tables(seqs),
             query_start=query_start,
             context_lens_list=context_lens,
             last_token_rows=self._long([end - 1 for end in query_start[1:]]),
+            max_context_len=max_len,
+            decode_bias=bias,
         )
 
     def _long(self, values: list[int]) -> torch.Tensor:
