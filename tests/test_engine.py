@@ -125,3 +125,30 @@ def test_config_errors_name_the_field(model_dir):
         EngineConfig.from_parameters({"max_num_seqs": "many"})
     cfg = EngineConfig.from_parameters({"model_dir": model_dir, "block_size": "", "x": "1"})
     assert cfg.block_size == 16
+
+
+def test_prefix_caching_gives_identical_tokens_and_reports_cached(model_dir, reference, tokenizer):
+    long_prompt = encode_prompt(tokenizer, "Summarize: " + "the sea is calm and blue. " * 30,
+                                chat=True)
+    params = SamplingParams(max_tokens=12, end_id=tokenizer.eos_token_id)
+    off = LLMEngine(EngineConfig(model_dir=model_dir, kv_cache_bytes=64 << 20,
+                                 enable_prefix_caching=False))
+    on = LLMEngine(EngineConfig(model_dir=model_dir, kv_cache_bytes=64 << 20))
+    expected = off.generate([long_prompt], params)[0]
+    assert on.generate([long_prompt], params)[0] == expected
+    seq = on.add_request("again", long_prompt, params)
+    while on.has_unfinished():
+        on.step()
+    assert seq.num_cached_tokens >= len(long_prompt) - 16  # all but the last partial block
+    assert seq.output_token_ids == expected
+    assert on.block_manager.stats.hit_tokens == seq.num_cached_tokens
+
+
+def test_chunked_prefill_gives_identical_tokens(model_dir, reference, tokenizer):
+    chunked = LLMEngine(EngineConfig(model_dir=model_dir, kv_cache_bytes=64 << 20,
+                                     enable_chunked_prefill=True, max_num_batched_tokens=16,
+                                     max_num_seqs=8, enable_prefix_caching=False))
+    params = SamplingParams(max_tokens=24, end_id=tokenizer.eos_token_id)
+    outputs = chunked.generate([reference[p][0] for p in PROMPTS], params)
+    assert outputs == [reference[p][1] for p in PROMPTS]
+    assert chunked.stats.prefill_steps > len(PROMPTS)  # prompts did span several steps

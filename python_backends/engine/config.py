@@ -25,9 +25,11 @@ class EngineConfig:
     kv_cache_bytes: int = 1 << 30  # KV-cache budget on the CPU
     gpu_memory_utilization: float = 0.85  # share of free GPU memory for the KV cache
     max_num_seqs: int = 64  # sequences decoded together (the running batch)
-    max_num_batched_tokens: int = 0  # prompt tokens per prefill step; 0: max_model_len
+    max_num_batched_tokens: int = 0  # tokens per step; 0: max_model_len (2048 if chunked)
     max_model_len: int = 0  # prompt + output tokens; 0: the model's own limit
     num_threads: int = 0  # torch CPU threads; 0: every core
+    enable_prefix_caching: bool = True  # reuse the KV blocks of shared prompt prefixes
+    enable_chunked_prefill: bool = False  # split long prompts over steps (token budget)
     enforce_eager: bool = True  # CUDA graphs are for a later step; CPU is always eager
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from python_backends.engine.block_manager import BlockManager
 from python_backends.engine.config import EngineConfig
-from python_backends.engine.errors import InvalidRequestError
+from python_backends.engine.errors import ConfigError, InvalidRequestError
 from python_backends.engine.model_runner import ModelRunner
 from python_backends.engine.sampling import SamplingParams
 from python_backends.engine.scheduler import Scheduler, SchedulerOutput
@@ -40,16 +40,28 @@ class LLMEngine:
         self.runner = runner or ModelRunner(config)
         model_limit = self.runner.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or model_limit, model_limit)
-        budget = config.max_num_batched_tokens or self.max_model_len
-        if budget < self.max_model_len:
+        default_budget = 2048 if config.enable_chunked_prefill else self.max_model_len
+        budget = config.max_num_batched_tokens or default_budget
+        if budget < self.max_model_len and not config.enable_chunked_prefill:
             # Without chunked prefill a prompt is prefilled in one step.
-            raise ValueError(
-                f"max_num_batched_tokens ({budget}) must be >= max_model_len ({self.max_model_len})"
+            raise ConfigError(
+                f"max_num_batched_tokens ({budget}) must be >= max_model_len "
+                f"({self.max_model_len}) unless enable_chunked_prefill is on"
+            )
+        if budget < config.max_num_seqs:
+            raise ConfigError(
+                f"max_num_batched_tokens ({budget}) must be >= max_num_seqs "
+                f"({config.max_num_seqs}): every running sequence decodes a token a step"
             )
         self.config = config
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, budget, config.enable_chunked_prefill
+        )
         self.stats = EngineStats()
+        self.last_schedule: SchedulerOutput | None = None
         self._by_request_id: dict[str, Sequence] = {}
 
     @property
@@ -118,22 +130,29 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     def step(self) -> list[RequestOutput]:
-        """Run one iteration (a prefill or a decode step) and return what it produced."""
-        decision = self.scheduler.schedule()
-        if decision is None or not decision.seqs:
+        """Run one iteration (decodes and prefill chunks together); return what it produced."""
+        batch = self.scheduler.schedule()
+        self.last_schedule = batch
+        if batch.is_empty:
             return []
-        tokens = self.runner.run(list(decision.seqs), decision.is_prefill)
-        return self._apply(decision, tokens)
+        tokens = self.runner.run(batch)
+        return self._apply(batch, tokens)
 
-    def _apply(self, decision: SchedulerOutput, tokens: list[int]) -> list[RequestOutput]:
+    def _apply(self, batch: SchedulerOutput, tokens: list[int]) -> list[RequestOutput]:
         now = time.monotonic()
         self.stats.steps += 1
-        if decision.is_prefill:
+        if batch.prefill_seqs:
             self.stats.prefill_steps += 1
-            self.stats.prompt_tokens += decision.num_tokens
+            self.stats.prompt_tokens += sum(batch.prefill_chunks)
+        sampled = self.runner.sampling_seqs(batch)
+        for seq in batch.decode_seqs:
+            seq.num_computed_tokens += 1
+        for seq, n in zip(batch.prefill_seqs, batch.prefill_chunks, strict=True):
+            seq.num_computed_tokens += n
+        for seq in batch.seqs:
+            self.block_manager.cache_full_blocks(seq)
         outputs = []
-        for seq, token in zip(decision.seqs, tokens, strict=True):
-            seq.num_computed_tokens = seq.num_tokens
+        for seq, token in zip(sampled, tokens, strict=True):
             seq.output_token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -76,22 +76,24 @@ class LlamaConfig:
 class AttentionMetadata:
     """Where each sequence's queries and keys are, for one forward pass.
 
-    Prefill: queries of sequence i are rows query_start[i]:query_start[i+1] of the flattened
-    batch, at positions context_len[i]-query_len[i] ... context_len[i]-1. Decode is the special
-    case of one query per sequence.
+    A step mixes decodes and prefill chunks. The flattened batch holds the decode tokens
+    first (one per sequence), then each prefill chunk: chunk i is rows
+    num_decode + query_start[i] ... num_decode + query_start[i+1], at positions
+    context_lens[i] - chunk_len ... context_lens[i] - 1. Keys come from the paged cache
+    through block tables (new keys are written there before attention reads).
     """
 
-    is_prefill: bool
-    slot_mapping: torch.Tensor  # [num_tokens] flat cache slot for each new token
-    context_lens: torch.Tensor  # [batch] tokens in cache after this step, per sequence
-    block_tables: torch.Tensor  # [batch, max_blocks] (padded with 0; masked by context_lens)
-    query_start: list[int]  # [batch + 1] (prefill only)
-    context_lens_list: list[int]  # same as context_lens, on the host
-    last_token_rows: torch.Tensor  # [batch] row of each sequence's last token
-    max_context_len: int = 0
-    # Decode only: 0 where a key position is within the sequence, -inf past it;
-    # [batch, 1, 1, max_context_len], built once per step rather than once per layer.
+    slot_mapping: torch.Tensor  # [num_tokens] flat cache slot of each new token
+    logits_rows: torch.Tensor  # rows whose next-token logits are wanted
+    num_decode: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks]
+    decode_max_len: int = 0
+    # 0 where a key position is within the sequence, -inf past it; [num_decode, 1, 1, len],
+    # built once per step rather than once per layer.
     decode_bias: torch.Tensor | None = None
+    prefill_block_tables: torch.Tensor | None = None  # [num_prefill, max_blocks]
+    query_start: list[int] = field(default_factory=lambda: [0])  # prefill chunks
+    context_lens: list[int] = field(default_factory=list)  # prefill: tokens after the step
 
 
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
@@ -157,10 +159,12 @@ class Attention(nn.Module):
         # k_cache: [num_blocks, block_size, kv_heads, head_dim]; flat slots index tokens.
         k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
         v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
-        if meta.is_prefill:
-            out = self._prefill(q, k, v, k_cache, v_cache, meta)
-        else:
-            out = self._decode(q, k_cache, v_cache, meta)
+        out = torch.empty_like(q)
+        nd = meta.num_decode
+        if nd:
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta).view(nd, -1, self.head_dim)
+        if n > nd:
+            out[nd:] = self._prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta)
         return self.o_proj(out.reshape(n, -1))
 
     def _prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
@@ -168,14 +172,15 @@ class Attention(nn.Module):
         starts = meta.query_start
         for i in range(len(starts) - 1):
             lo, hi = starts[i], starts[i + 1]
-            q_len, ctx_len = hi - lo, meta.context_lens_list[i]
+            q_len, ctx_len = hi - lo, meta.context_lens[i]
             qi = q[lo:hi].transpose(0, 1)  # [heads, q_len, dim]
             if ctx_len == q_len:
                 # Nothing cached before this chunk: attend to the fresh keys, plain causal.
                 ki, vi = k[lo:hi].transpose(0, 1), v[lo:hi].transpose(0, 1)
                 mask, causal = None, True
             else:
-                ki, vi = self._gather(k_cache, v_cache, meta.block_tables[i : i + 1], ctx_len)
+                table = meta.prefill_block_tables[i : i + 1]
+                ki, vi = self._gather(k_cache, v_cache, table, ctx_len)
                 ki, vi = ki[0], vi[0]
                 rows = torch.arange(ctx_len - q_len, ctx_len, device=q.device)[:, None]
                 mask = torch.arange(ctx_len, device=q.device)[None, :] <= rows
@@ -189,7 +194,9 @@ class Attention(nn.Module):
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         # Grouped-query attention as two batched matmuls: query head h reads kv head
         # h // group, so [b, heads, d] views as [b, kv_heads, group, d] with no copies.
-        keys, values = self._gather(k_cache, v_cache, meta.block_tables, meta.max_context_len)
+        keys, values = self._gather(
+            k_cache, v_cache, meta.decode_block_tables, meta.decode_max_len
+        )
         b = q.shape[0]
         grouped = q.view(b, self.num_kv_heads, -1, self.head_dim)
         scores = torch.matmul(grouped, keys.transpose(-1, -2)) * self.scale
@@ -270,7 +277,7 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.embed_tokens(input_ids)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             hidden = layer(hidden, cos, sin, k_cache, v_cache, meta)
-        last = self.norm(hidden[meta.last_token_rows])
+        last = self.norm(hidden[meta.logits_rows])
         return self.lm_head(last).float()
 
     def load_hf_weights(self, state: dict[str, torch.Tensor]) -> None:

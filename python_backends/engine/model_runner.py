@@ -13,6 +13,7 @@ import torch
 from python_backends.engine.config import EngineConfig
 from python_backends.engine.llama import AttentionMetadata, LlamaConfig, load_model
 from python_backends.engine.sampler import Sampler
+from python_backends.engine.scheduler import SchedulerOutput
 from python_backends.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -83,68 +84,68 @@ class ModelRunner:
         return blocks
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        if is_prefill:
-            input_ids, positions, meta = self._prepare_prefill(seqs)
-        else:
-            input_ids, positions, meta = self._prepare_decode(seqs)
+    def run(self, batch: SchedulerOutput) -> list[int]:
+        """Run one step; return a token for each sequence in `sampling_seqs(batch)`."""
+        input_ids, positions, meta, sampled = self._prepare(batch)
         logits = self.model(input_ids, positions, self.kv_caches, meta)
-        return self.sampler.sample(logits, seqs)
+        return self.sampler.sample(logits, sampled)
+
+    @staticmethod
+    def sampling_seqs(batch: SchedulerOutput) -> list[Sequence]:
+        """Sequences that get a new token this step: decodes, and prompts whose last chunk
+        this step computes."""
+        done = [
+            seq for seq, n in zip(batch.prefill_seqs, batch.prefill_chunks, strict=True)
+            if seq.num_computed_tokens + n == seq.num_tokens
+        ]
+        return list(batch.decode_seqs) + done
 
     def _slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + (
             position % self.block_size
         )
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _block_tables(self, seqs) -> torch.Tensor:
         width = max(len(s.block_table) for s in seqs)
         rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
-    def _prepare_prefill(self, seqs: list[Sequence]):
+    def _prepare(self, batch: SchedulerOutput):
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        query_start = [0]
-        context_lens: list[int] = []
-        for seq in seqs:
-            start, end = seq.num_computed_tokens, seq.num_tokens
+        logits_rows: list[int] = []
+        decodes = batch.decode_seqs
+        for seq in decodes:
+            position = seq.num_tokens - 1
+            input_ids.append(seq.last_token_id)
+            positions.append(position)
+            slots.append(self._slot(seq, position))
+            logits_rows.append(len(logits_rows))
+        meta = AttentionMetadata(slot_mapping=None, logits_rows=None, num_decode=len(decodes))
+        if decodes:
+            lens = [s.num_tokens for s in decodes]
+            meta.decode_max_len = max(lens)
+            meta.decode_block_tables = self._block_tables(decodes)
+            span = torch.arange(meta.decode_max_len, device=self.device)
+            past_end = span[None, :] >= self._long(lens)[:, None]
+            meta.decode_bias = torch.zeros(len(decodes), 1, 1, meta.decode_max_len,
+                                           device=self.device)
+            meta.decode_bias.masked_fill_(past_end[:, None, None, :], float("-inf"))
+        for seq, n in zip(batch.prefill_seqs, batch.prefill_chunks, strict=True):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             input_ids.extend(seq.all_token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(self._slot(seq, p) for p in range(start, end))
-            query_start.append(query_start[-1] + end - start)
-            context_lens.append(end)
-        meta = self._metadata(True, slots, context_lens, seqs, query_start)
-        return self._long(input_ids), self._long(positions), meta
-
-    def _prepare_decode(self, seqs: list[Sequence]):
-        input_ids = [s.last_token_id for s in seqs]
-        positions = [s.num_tokens - 1 for s in seqs]
-        slots = [self._slot(s, p) for s, p in zip(seqs, positions, strict=True)]
-        context_lens = [s.num_tokens for s in seqs]
-        meta = self._metadata(False, slots, context_lens, seqs, list(range(len(seqs) + 1)))
-        return self._long(input_ids), self._long(positions), meta
-
-    def _metadata(self, is_prefill, slots, context_lens, seqs, query_start) -> AttentionMetadata:
-        lens = self._long(context_lens)
-        max_len = max(context_lens)
-        bias = None
-        if not is_prefill:
-            positions = torch.arange(max_len, device=self.device)
-            bias = torch.zeros(len(seqs), 1, 1, max_len, device=self.device)
-            bias.masked_fill_((positions[None, :] >= lens[:, None])[:, None, None, :],
-                              float("-inf"))
-        return AttentionMetadata(
-            is_prefill=is_prefill,
-            slot_mapping=self._long(slots),
-            context_lens=lens,
-            block_tables=self._block_tables(seqs),
-            query_start=query_start,
-            context_lens_list=context_lens,
-            last_token_rows=self._long([end - 1 for end in query_start[1:]]),
-            max_context_len=max_len,
-            decode_bias=bias,
-        )
+            meta.query_start.append(meta.query_start[-1] + n)
+            meta.context_lens.append(end)
+            if end == seq.num_tokens:
+                logits_rows.append(len(input_ids) - 1)
+        if batch.prefill_seqs:
+            meta.prefill_block_tables = self._block_tables(batch.prefill_seqs)
+        meta.slot_mapping = self._long(slots)
+        meta.logits_rows = self._long(logits_rows)
+        return self._long(input_ids), self._long(positions), meta, self.sampling_seqs(batch)
 
     def _long(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

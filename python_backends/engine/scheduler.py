@@ -1,15 +1,18 @@
-"""Scheduler: decides, every iteration, which sequences run (iteration-level scheduling).
+"""Scheduler: decides, every iteration, which sequences run and how many tokens each computes.
 
-Each call to `schedule()` admits waiting sequences into the running batch while blocks and
-the token budget allow (Orca-style in-flight batching: nobody waits for the batch to drain),
-and returns the decision as a plain `SchedulerOutput`. A prefill step runs newly admitted
-prompts; otherwise every running sequence decodes one token. When the KV cache is full the
-most recently admitted sequence is preempted (its blocks freed, recomputed later).
+Iteration-level scheduling (Orca): each `schedule()` first gives every running sequence its
+next token (or its next prefill chunk), then admits waiting sequences, most urgent priority
+first and FIFO within a priority, while seats, blocks and the token budget allow, so nobody
+waits for the batch to drain. Decodes and prefill chunks share one step under one token
+budget (as in vLLM v1), so with chunked prefill a long prompt is spread over several steps
+instead of stalling everyone's decoding. When blocks run out the lowest-priority, most
+recently admitted sequence is preempted: its blocks are freed and it is recomputed later
+(mostly from the prefix cache). The decision is a plain `SchedulerOutput` value.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
 from dataclasses import dataclass, field
 
 from python_backends.engine.block_manager import BlockManager
@@ -18,15 +21,23 @@ from python_backends.engine.sequence import FinishReason, Sequence, SequenceStat
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    seqs: tuple[Sequence, ...]
-    is_prefill: bool
+    decode_seqs: tuple[Sequence, ...] = ()
+    prefill_seqs: tuple[Sequence, ...] = ()
+    prefill_chunks: tuple[int, ...] = ()  # tokens each prefill sequence computes this step
     preempted: tuple[Sequence, ...] = field(default=())
+    admitted: tuple[Sequence, ...] = field(default=())
+
+    @property
+    def seqs(self) -> tuple[Sequence, ...]:
+        return self.decode_seqs + self.prefill_seqs
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decode_seqs and not self.prefill_seqs
 
     @property
     def num_tokens(self) -> int:
-        if self.is_prefill:
-            return sum(s.num_tokens - s.num_computed_tokens for s in self.seqs)
-        return len(self.seqs)
+        return len(self.decode_seqs) + sum(self.prefill_chunks)
 
 
 class Scheduler:
@@ -35,13 +46,16 @@ class Scheduler:
         block_manager: BlockManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        enable_chunked_prefill: bool = False,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._admission_counter = itertools.count()
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -52,78 +66,101 @@ class Scheduler:
 
     def abort(self, request_id: str) -> Sequence | None:
         """Remove a request wherever it is and free its blocks at once."""
-        for seq in list(self.waiting):
-            if seq.request_id == request_id:
-                self.waiting.remove(seq)
-                seq.finish(FinishReason.ABORT)
-                return seq
-        for seq in self.running:
-            if seq.request_id == request_id:
-                self.running.remove(seq)
-                self.block_manager.free(seq)
-                seq.finish(FinishReason.ABORT)
-                return seq
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self.block_manager.free(seq)
+                    seq.finish(FinishReason.ABORT)
+                    return seq
         return None
-
-    def schedule(self) -> SchedulerOutput | None:
-        prefill = self._admit_waiting()
-        if prefill:
-            return SchedulerOutput(tuple(prefill), is_prefill=True)
-        if not self.running:
-            return None
-        scheduled: list[Sequence] = []
-        preempted: list[Sequence] = []
-        # Oldest first, so that preemption hits the most recently admitted sequence.
-        queue = deque(self.running)
-        while queue:
-            seq = queue.popleft()
-            while not self.block_manager.can_append(seq):
-                if queue:
-                    victim = queue.pop()
-                    self._preempt(victim)
-                    preempted.append(victim)
-                else:
-                    self._preempt(seq)
-                    preempted.append(seq)
-                    break
-            else:
-                self.block_manager.append_slot(seq)
-                scheduled.append(seq)
-        self.running = scheduled
-        if not scheduled:
-            return SchedulerOutput((), is_prefill=False, preempted=tuple(preempted))
-        return SchedulerOutput(tuple(scheduled), is_prefill=False, preempted=tuple(preempted))
-
-    def _admit_waiting(self) -> list[Sequence]:
-        admitted: list[Sequence] = []
-        budget = self.max_num_batched_tokens
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            tokens = seq.num_tokens - seq.num_computed_tokens
-            if admitted and tokens > budget:
-                break
-            if not self.block_manager.can_allocate(seq):
-                break
-            self.waiting.popleft()
-            self.block_manager.allocate(seq)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            admitted.append(seq)
-            budget -= tokens
-        return admitted
-
-    def _preempt(self, seq: Sequence) -> None:
-        # Recompute rather than swap: on the CPU and for short contexts it is cheaper.
-        if seq in self.running:
-            self.running.remove(seq)
-        self.block_manager.free(seq)
-        seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
-        self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finish(reason)
         if seq in self.running:
             self.running.remove(seq)
         self.block_manager.free(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        chunks: dict[Sequence, int] = {}  # scheduled prefill chunks, in order
+        decodes: list[Sequence] = []
+        preempted: list[Sequence] = []
+
+        for seq in sorted(self.running, key=_urgency):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            if remaining > 1:  # a prompt still being prefilled in chunks
+                n = min(remaining, budget)
+                if n > 0:
+                    chunks[seq] = n
+                    budget -= n
+                continue
+            if budget < 1:
+                continue
+            while not self.block_manager.can_append(seq):
+                victim = max((s for s in self.running if s is not seq), key=_urgency,
+                             default=None)
+                if victim is None or _urgency(victim) < _urgency(seq):
+                    victim = seq
+                if victim in chunks:
+                    budget += chunks.pop(victim)
+                elif victim in decodes:
+                    decodes.remove(victim)
+                    budget += 1
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.append_slot(seq)
+                decodes.append(seq)
+                budget -= 1
+
+        admitted: list[Sequence] = []
+        if not preempted:  # under memory pressure, admit nobody new this step
+            self.waiting.sort(key=_waiting_order)
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = self.waiting[0]
+                if not self.block_manager.allocate(seq):
+                    break
+                n = seq.num_tokens - seq.num_computed_tokens
+                if n > budget and not self.enable_chunked_prefill and (chunks or decodes):
+                    self.block_manager.free(seq)  # whole prompts only: wait for a step
+                    break
+                if self.enable_chunked_prefill:
+                    n = min(n, budget)
+                self.waiting.pop(0)
+                seq.status = SequenceStatus.RUNNING
+                seq.admission_order = next(self._admission_counter)
+                self.running.append(seq)
+                admitted.append(seq)
+                chunks[seq] = n
+                budget -= n
+
+        return SchedulerOutput(
+            decode_seqs=tuple(decodes),
+            prefill_seqs=tuple(chunks),
+            prefill_chunks=tuple(chunks.values()),
+            preempted=tuple(preempted),
+            admitted=tuple(admitted),
+        )
+
+    def _preempt(self, seq: Sequence) -> None:
+        # Recompute rather than swap: with the prefix cache most of it comes back for free.
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.append(seq)
+
+
+def _urgency(seq: Sequence) -> tuple[int, int]:
+    """Sort key of running sequences: most urgent first; max() is the preemption victim."""
+    return (seq.priority, seq.admission_order)
+
+
+def _waiting_order(seq: Sequence) -> tuple[int, float, int]:
+    return (seq.priority, seq.arrival_time, seq.seq_id)

@@ -35,6 +35,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # of the full, computed blocks
+    admission_order: int = 0  # set when admitted to the running batch
     # Tokens whose keys/values are in the KV cache. Reset to 0 on preemption (recompute).
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
