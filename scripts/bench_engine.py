@@ -1,0 +1,773 @@
+#!/usr/bin/env python3
+"""Engine benchmark: the served `llm` model under GenAI-Perf vs transformers `generate()`.
+
+One run does three steps:
+
+  1. serving: start a tritonserver with the models `engine` and `llm` (or use --url), then run
+     GenAI-Perf 0.0.16 against `llm` (vLLM-backend request shape, streaming, 64 input tokens,
+     exactly 64 output tokens through min_tokens) at each concurrency; read its JSON export for
+     output token throughput, request throughput, time to first token (TTFT) and inter-token
+     latency (ITL) p50/p99. The server is then stopped so that step 2 has the cores to itself.
+  2. baseline: transformers `generate()` on the same weights in fp32, a static batch of B
+     prompts of 64 random token ids, greedy, exactly 64 new tokens, for each B in the same list.
+     tok/s = B*64/elapsed; TTFT = a generate with max_new_tokens=1; ITL = (elapsed-TTFT)/63.
+     p50/p99 are over --generate-repeats runs.
+  3. report: <out-dir>/engine.json (every number, the exact commands, machine facts) and
+     <out-dir>/engine.md (a table and the targets: at concurrency 32 the engine makes >= 2x the
+     tokens/s of generate at batch 32; single-stream ITL within 1.2x of generate at batch 1).
+
+GenAI-Perf's own artifacts and the server log stay in --artifact-dir. Ctrl-C stops the run,
+GenAI-Perf and the server cleanly; nothing is written then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from python_backends.paths import CACHE_DIR, default_model_dir  # noqa: E402
+
+GENAI_PERF = REPO_ROOT / "scripts" / "genai-perf"
+DEFAULT_OUT_DIR = REPO_ROOT / "docs" / "benchmarks"
+MODEL = "llm"
+SERVER_MODELS = ("engine", "llm")
+INPUT_TOKENS = 64
+OUTPUT_TOKENS = 64
+DEFAULT_CONCURRENCY = (1, 4, 8, 32)
+QUICK_CONCURRENCY = (1, 4)
+# Targets from the engine issue.
+THROUGHPUT_TARGET_CONCURRENCY = 32
+THROUGHPUT_TARGET_RATIO = 2.0
+ITL_TARGET_RATIO = 1.2
+
+
+class BenchError(RuntimeError):
+    """A step of the benchmark failed; the message says which and where its log is."""
+
+
+class ServerDied(BenchError):
+    """The server (or one of its model processes) died: later measurements would be wrong."""
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default), q in [0, 100]."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def default_request_count(concurrency: int, quick: bool = False) -> int:
+    """Requests measured per concurrency: two full waves, and at least 8 (2 with --quick)."""
+    return max(concurrency, 2) if quick else max(2 * concurrency, 8)
+
+
+def display_path(path: Path) -> str:
+    """A path relative to the repository when it is inside it, so reports are portable."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+# ----------------------------------------------------------------------------- GenAI-Perf
+
+
+def genai_perf_command(
+    url: str, concurrency: int, request_count: int, tokenizer: Path, artifact_dir: Path,
+    extra_args: Sequence[str] = (), genai_perf: Path | str = GENAI_PERF,
+) -> list[str]:
+    """The GenAI-Perf 0.0.16 `profile` command for one concurrency against `llm`.
+
+    No --warmup-request-count: with concurrency > 1 it makes perf_analyzer (tritonclient 2.50)
+    send requests for ever; `warm_up()` warms the server instead.
+    """
+    cmd = [
+        str(genai_perf), "profile", "-m", MODEL,
+        "--endpoint-type", "kserve", "--backend", "vllm", "--streaming",
+        "-u", url,
+        "--concurrency", str(concurrency),
+        "--request-count", str(request_count),
+        "--synthetic-input-tokens-mean", str(INPUT_TOKENS),
+        "--synthetic-input-tokens-stddev", "0",
+        "--output-tokens-mean", str(OUTPUT_TOKENS),
+        "--output-tokens-mean-deterministic",
+        "--random-seed", "0",
+        "--tokenizer", str(tokenizer),
+        "--artifact-dir", str(artifact_dir),
+    ]
+    # Verbatim: GenAI-Perf options, then perhaps `--` and perf_analyzer options.
+    return cmd + list(extra_args)
+
+
+def find_genai_perf_export(artifact_dir: Path) -> Path:
+    """GenAI-Perf nests its artifacts (e.g. llm-triton-vllm-concurrency4/); find the export."""
+    found = sorted(Path(artifact_dir).rglob("profile_export_genai_perf.json"))
+    if not found:
+        raise BenchError(f"GenAI-Perf wrote no profile_export_genai_perf.json under {artifact_dir}")
+    return found[-1]
+
+
+def _stat(data: dict[str, Any], metric: str, key: str) -> float | None:
+    value = data.get(metric, {}).get(key)
+    return None if value is None else float(value)
+
+
+def parse_genai_perf_export(data: dict[str, Any] | Path) -> dict[str, Any]:
+    """The numbers this benchmark reports, from GenAI-Perf's profile_export_genai_perf.json.
+
+    Throughputs are system-wide averages (GenAI-Perf gives only `avg` for them); TTFT and ITL
+    are distributions over requests, in ms (ITL of a request = (last - first) / (tokens - 1)).
+    """
+    if isinstance(data, Path):
+        data = json.loads(data.read_text())
+    for metric in ("output_token_throughput", "time_to_first_token", "inter_token_latency"):
+        if metric not in data:
+            raise BenchError(f"GenAI-Perf export has no {metric!r}; keys: {sorted(data)}")
+    return {
+        "output_token_throughput": _stat(data, "output_token_throughput", "avg"),
+        "request_throughput": _stat(data, "request_throughput", "avg"),
+        "measured_requests": _stat(data, "request_count", "avg"),
+        "ttft_ms": {q: _stat(data, "time_to_first_token", q) for q in ("avg", "p50", "p99")},
+        "itl_ms": {q: _stat(data, "inter_token_latency", q) for q in ("avg", "p50", "p99")},
+        "request_latency_ms": {q: _stat(data, "request_latency", q) for q in ("avg", "p50", "p99")},
+        "output_sequence_length_avg": _stat(data, "output_sequence_length", "avg"),
+        "input_sequence_length_avg": _stat(data, "input_sequence_length", "avg"),
+    }
+
+
+def _stop_process_group(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=timeout_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def dead_children(pid: int) -> list[int]:
+    """Children of `pid` that have exited but not been reaped (zombies), from /proc.
+
+    tritonserver does not exit when a Python-backend stub dies (e.g. a segfault): it keeps
+    the zombie, and perf_analyzer then waits for ever for the lost responses.
+    """
+    dead = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] == "Z" and int(fields[1]) == pid:
+            dead.append(int(stat.parent.name))
+    return dead
+
+
+def check_server(server_process: subprocess.Popen | None, during: str) -> None:
+    """Raise ServerDied when our tritonserver or one of its model stub processes has died."""
+    if server_process is None:
+        return
+    if server_process.poll() is not None:
+        raise ServerDied(f"tritonserver exited (code {server_process.returncode}) during {during}")
+    if dead_children(server_process.pid):
+        raise ServerDied(f"a model stub process of tritonserver died during {during} (a crash: "
+                         f"see the server log and dmesg)")
+
+
+def run_genai_perf(cmd: list[str], log_path: Path, timeout_s: float,
+                   server_process: subprocess.Popen | None = None) -> None:
+    """Run one GenAI-Perf command, output to `log_path`; raise BenchError when it fails.
+
+    With `server_process` (a server we started), stop early when it exits or one of its
+    model stub processes dies, rather than waiting out the timeout.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as out:
+        # Its own session: on Ctrl-C we stop it (and its perf_analyzer) ourselves.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                try:
+                    rc = proc.wait(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                check_server(server_process, "GenAI-Perf")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"GenAI-Perf ran past {timeout_s:.0f} s; log: {log_path}")
+        finally:
+            _stop_process_group(proc)
+    if rc != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-25:]
+        raise BenchError(f"GenAI-Perf exited with {rc}; log: {log_path}\n  " + "\n  ".join(tail))
+
+
+def warm_up(url: str, requests: int, timeout_s: float = 600.0,
+            server_process: subprocess.Popen | None = None) -> float:
+    """Send `requests` concurrent streaming requests of the benchmark's shape; wait for all.
+
+    Done with tritonclient, not GenAI-Perf's --warmup-request-count: with concurrency > 1 that
+    option makes perf_analyzer (tritonclient 2.50) send requests for ever.
+    """
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    finals: queue.Queue = queue.Queue()
+
+    def callback(result, error):
+        if error is not None:
+            finals.put(error)
+            return
+        final = result.get_response().parameters.get("triton_final_response")
+        if final is None or final.bool_param:
+            finals.put(None)
+
+    prompt = "The quick brown fox jumps over the lazy dog. " * 6  # about 60 tokens
+    sampling = json.dumps({"max_tokens": OUTPUT_TOKENS, "min_tokens": OUTPUT_TOKENS})
+    client = grpcclient.InferenceServerClient(url)
+    started = time.monotonic()
+    try:
+        client.start_stream(callback=callback)
+        for i in range(requests):
+            inputs = []
+            for name, value, dtype in (("text_input", prompt, "BYTES"), ("stream", True, "BOOL"),
+                                       ("sampling_parameters", sampling, "BYTES"),
+                                       ("exclude_input_in_output", True, "BOOL")):
+                tensor = grpcclient.InferInput(name, [1], dtype)
+                tensor.set_data_from_numpy(np.array([value], dtype=object if dtype == "BYTES"
+                                                    else bool))
+                inputs.append(tensor)
+            client.async_stream_infer(MODEL, inputs, request_id=f"warmup-{i}",
+                                      enable_empty_final_response=True)
+        done = 0
+        while done < requests:
+            try:
+                error = finals.get(timeout=1.0)
+            except queue.Empty:
+                check_server(server_process, "the warm-up")
+                if time.monotonic() - started > timeout_s:
+                    raise BenchError(
+                        f"warm-up requests did not finish in {timeout_s:.0f} s") from None
+                continue
+            if error is not None:
+                raise BenchError(f"warm-up request failed: {error}")
+            done += 1
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    return time.monotonic() - started
+
+
+def engine_info(url: str) -> dict[str, Any]:
+    """The serving side's facts: server version and the engine's config parameters."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    info: dict[str, Any] = {}
+    try:
+        info["server_version"] = client.get_server_metadata(as_json=True).get("version")
+        config = client.get_model_config("engine", as_json=True).get("config", {})
+        info["engine_parameters"] = {
+            k: v.get("string_value") for k, v in config.get("parameters", {}).items()
+        }
+    except Exception as exc:  # informational only: never fail the benchmark for it
+        info["error"] = str(exc)
+    finally:
+        client.close()
+    return info
+
+
+def wait_model_ready(url: str, timeout_s: float = 30.0) -> None:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if client.is_model_ready(MODEL):
+                    return
+            except Exception:  # server not up yet: keep polling until the deadline
+                pass
+            time.sleep(0.5)
+    finally:
+        client.close()
+    raise BenchError(f"model {MODEL!r} is not ready at {url}")
+
+
+def bench_serving(args: argparse.Namespace, artifact_dir: Path) -> dict[str, Any]:
+    """Step 1: GenAI-Perf against `llm` at each concurrency. Stops its server before returning."""
+    from python_backends.tools.triton_server import TritonServer
+
+    server = None
+    results: dict[str, Any] = {"runs": [], "commands": []}
+    try:
+        if args.url:
+            url = args.url
+            log(f"serving: using the running server at {url}")
+            wait_model_ready(url)
+        else:
+            log_path = artifact_dir / "tritonserver.log"
+            server = TritonServer(models=list(SERVER_MODELS), log_path=log_path)
+            log(f"serving: starting tritonserver ({','.join(SERVER_MODELS)}), log {log_path}")
+            started = time.monotonic()
+            server.start().wait_ready(timeout_s=args.ready_timeout)
+            url = f"localhost:{server.grpc_port}"
+            log(f"serving: ready in {time.monotonic() - started:.1f} s at {url}")
+            results["server_log"] = display_path(log_path)
+        results["url"] = url
+        results.update(engine_info(url))
+        if args.warmup_requests:
+            log(f"serving: warm-up: {args.warmup_requests} concurrent requests ...")
+            took = warm_up(url, args.warmup_requests,
+                           server_process=server.process if server else None)
+            results["warmup_requests"] = args.warmup_requests
+            log(f"serving: warm-up done in {took:.1f} s")
+        for c in args.concurrency:
+            count = args.request_count or default_request_count(c, args.quick)
+            run_dir = artifact_dir / f"genai-perf-c{c}"
+            cmd = genai_perf_command(url, c, count, args.tokenizer, run_dir,
+                                     args.genai_perf_args)
+            results["commands"].append(shlex.join(display_path(Path(a)) if a.startswith("/")
+                                                  else a for a in cmd))
+            log(f"serving: concurrency {c}: {count} requests ...")
+            started = time.monotonic()
+            run: dict[str, Any] = {"concurrency": c, "request_count": count,
+                                   "log": display_path(run_dir)}
+            try:
+                run_genai_perf(cmd, run_dir / "genai-perf.log", args.genai_perf_timeout,
+                               server.process if server else None)
+                export = find_genai_perf_export(run_dir)
+                run.update(parse_genai_perf_export(export))
+                run["export"] = display_path(export)
+            except BenchError as exc:
+                run["error"] = str(exc)
+                log(f"serving: concurrency {c} FAILED: {exc}")
+                if isinstance(exc, ServerDied):
+                    # Later concurrencies would measure a broken server: record and stop.
+                    results["runs"].append(run)
+                    results["error"] = str(exc)
+                    break
+            run["wall_s"] = round(time.monotonic() - started, 1)
+            results["runs"].append(run)
+            if "error" not in run:
+                log(f"serving: concurrency {c}: {run['output_token_throughput']:.1f} tok/s, "
+                    f"TTFT p50 {run['ttft_ms']['p50']:.0f} ms, ITL p50 {run['itl_ms']['p50']:.1f}"
+                    f" ms, output length {run['output_sequence_length_avg']:.1f} "
+                    f"({run['wall_s']:.0f} s)")
+                if run["output_sequence_length_avg"] != OUTPUT_TOKENS:
+                    log(f"serving: warning: mean output length is not {OUTPUT_TOKENS}")
+    finally:
+        if server is not None:
+            log("serving: stopping tritonserver ...")
+            server.stop()
+    return results
+
+
+# ----------------------------------------------------------------------------- generate()
+
+
+def generate_stats(batch: int, elapsed_s: Sequence[float], ttft_s: Sequence[float],
+                   new_tokens: int = OUTPUT_TOKENS) -> dict[str, Any]:
+    """Throughput and latency of static-batch generate() from repeated timings (seconds).
+
+    tok/s = batch*new_tokens/elapsed (median elapsed); ITL of a run = (elapsed - TTFT)/(n-1)
+    with the median TTFT, so its p50/p99 are over the repeats, like the TTFT's.
+    """
+    ttft_med = percentile(ttft_s, 50)
+    itl_ms = [(e - ttft_med) / (new_tokens - 1) * 1e3 for e in elapsed_s]
+    ttft_ms = [t * 1e3 for t in ttft_s]
+    return {
+        "batch": batch,
+        "repeats": len(elapsed_s),
+        "elapsed_s": [round(e, 4) for e in elapsed_s],
+        "ttft_s": [round(t, 4) for t in ttft_s],
+        "output_token_throughput": batch * new_tokens / percentile(elapsed_s, 50),
+        "ttft_ms": {"avg": sum(ttft_ms) / len(ttft_ms), "p50": percentile(ttft_ms, 50),
+                    "p99": percentile(ttft_ms, 99)},
+        "itl_ms": {"avg": sum(itl_ms) / len(itl_ms), "p50": percentile(itl_ms, 50),
+                   "p99": percentile(itl_ms, 99)},
+    }
+
+
+def bench_generate(model_dir: Path, batches: Iterable[int], repeats: int,
+                   seed: int = 0) -> dict[str, Any]:
+    """Step 2: transformers generate() baseline, fp32, greedy, exactly OUTPUT_TOKENS new tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    log(f"generate: loading {display_path(model_dir)} (fp32) ...")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    vocab = model.config.vocab_size
+    pad_id = model.generation_config.eos_token_id
+    if isinstance(pad_id, list):
+        pad_id = pad_id[0]
+    gen = torch.Generator().manual_seed(seed)
+
+    def run(batch: int, new_tokens: int) -> float:
+        # Random ids above the special tokens; equal lengths, so no padding.
+        ids = torch.randint(100, vocab, (batch, INPUT_TOKENS), generator=gen)
+        mask = torch.ones_like(ids)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 pad_token_id=pad_id)
+        elapsed = time.perf_counter() - start
+        if out.shape[1] - INPUT_TOKENS != new_tokens:
+            raise BenchError(f"generate made {out.shape[1] - INPUT_TOKENS} tokens, not "
+                             f"{new_tokens}")
+        return elapsed
+
+    log("generate: warm-up ...")
+    run(1, 8)
+    results: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "runs": []}
+    for b in batches:
+        ttft, elapsed = [], []
+        for i in range(repeats):
+            ttft.append(run(b, 1))
+            elapsed.append(run(b, OUTPUT_TOKENS))
+            log(f"generate: batch {b} run {i + 1}/{repeats}: {elapsed[-1]:.2f} s "
+                f"({b * OUTPUT_TOKENS / elapsed[-1]:.1f} tok/s), TTFT {ttft[-1] * 1e3:.0f} ms")
+        results["runs"].append(generate_stats(b, elapsed, ttft))
+    return results
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def machine_facts() -> dict[str, Any]:
+    facts: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    with contextlib.suppress(OSError, subprocess.CalledProcessError, ValueError):
+        facts["nproc"] = int(subprocess.check_output(["nproc"], text=True).strip())
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                facts["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        facts["load_average_at_start"] = list(os.getloadavg())
+    try:
+        import torch
+        import transformers
+
+        facts["torch"] = torch.__version__
+        facts["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return facts
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or not den else num / den
+
+
+def compare(serving: dict[str, Any] | None, generate: dict[str, Any] | None) -> list[dict]:
+    """One row per concurrency/batch size present in either side."""
+    eng = {r["concurrency"]: r for r in (serving or {}).get("runs", []) if "error" not in r}
+    gen = {r["batch"]: r for r in (generate or {}).get("runs", [])}
+    rows = []
+    for n in sorted(set(eng) | set(gen)):
+        e, g = eng.get(n), gen.get(n)
+        rows.append({
+            "n": n,
+            "engine": e,
+            "generate": g,
+            "throughput_ratio": _ratio(e and e["output_token_throughput"],
+                                       g and g["output_token_throughput"]),
+        })
+    return rows
+
+
+def evaluate_targets(rows: list[dict]) -> list[dict[str, Any]]:
+    """The issue's two targets, each with the measured ratio and met / not met / not measured."""
+    by_n = {r["n"]: r for r in rows}
+    targets = []
+    row = by_n.get(THROUGHPUT_TARGET_CONCURRENCY, {})
+    ratio = row.get("throughput_ratio")
+    targets.append({
+        "name": (f"throughput: engine tok/s at concurrency {THROUGHPUT_TARGET_CONCURRENCY} >= "
+                 f"{THROUGHPUT_TARGET_RATIO:g}x generate() at batch "
+                 f"{THROUGHPUT_TARGET_CONCURRENCY}"),
+        "ratio": ratio,
+        "status": "not measured" if ratio is None
+        else ("met" if ratio >= THROUGHPUT_TARGET_RATIO else "not met"),
+    })
+    row = by_n.get(1, {})
+    e, g = row.get("engine"), row.get("generate")
+    ratio = _ratio(e and e["itl_ms"]["p50"], g and g["itl_ms"]["p50"])
+    targets.append({
+        "name": (f"single-stream latency: engine ITL p50 at concurrency 1 <= "
+                 f"{ITL_TARGET_RATIO:g}x generate() ITL at batch 1"),
+        "ratio": ratio,
+        "status": "not measured" if ratio is None
+        else ("met" if ratio <= ITL_TARGET_RATIO else "not met"),
+    })
+    return targets
+
+
+def build_report(serving: dict[str, Any] | None, generate: dict[str, Any] | None,
+                 machine: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    rows = compare(serving, generate)
+    return {
+        "settings": settings,
+        "machine": machine,
+        "serving": serving,
+        "generate": generate,
+        "comparison": [{"n": r["n"], "throughput_ratio": r["throughput_ratio"]} for r in rows],
+        "targets": evaluate_targets(rows),
+    }
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _pair(stats: dict[str, Any] | None, key: str, digits: int = 0) -> str:
+    if not stats:
+        return "-"
+    return f"{_fmt(stats[key]['p50'], digits)} / {_fmt(stats[key]['p99'], digits)}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The short table for docs/benchmarks/engine.md."""
+    s, m = report["settings"], report["machine"]
+    rows = compare(report.get("serving"), report.get("generate"))
+    title = "# Engine benchmark" + (" (quick smoke run)" if s.get("quick") else "")
+    lines = [
+        title,
+        "",
+        f"`llm` served by tritonserver (engine with in-flight batching), measured with GenAI-Perf "
+        f"0.0.16 (streaming, {s['input_tokens']} input tokens, exactly {s['output_tokens']} "
+        f"output tokens, concurrency N), against transformers `generate()` on the same weights "
+        f"(fp32, greedy, static batch of N). Machine: {m.get('nproc')} cores, "
+        f"{m.get('cpu_model', 'unknown CPU')}, torch {m.get('torch', '?')}, {m.get('date')}.",
+        "",
+        "| N | engine tok/s | generate tok/s | ratio (engine/generate) | engine TTFT p50/p99 ms "
+        "| generate TTFT p50/p99 ms | engine ITL p50/p99 ms | generate ITL p50/p99 ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        e, g = r["engine"], r["generate"]
+        lines.append(
+            f"| {r['n']} | {_fmt(e and e['output_token_throughput'])} "
+            f"| {_fmt(g and g['output_token_throughput'])} | {_fmt(r['throughput_ratio'], 2)} "
+            f"| {_pair(e, 'ttft_ms')} | {_pair(g, 'ttft_ms')} "
+            f"| {_pair(e, 'itl_ms', 1)} | {_pair(g, 'itl_ms', 1)} |"
+        )
+    serving = report.get("serving") or {}
+    notes = [f"- concurrency {r['concurrency']}: FAILED: {r['error'].splitlines()[0]}"
+             for r in serving.get("runs", []) if "error" in r]
+    done = {r["concurrency"] for r in serving.get("runs", [])}
+    if serving.get("error"):
+        notes += [f"- concurrency {c}: not run ({serving['error']})"
+                  for c in s["concurrency"] if c not in done]
+    if notes:
+        lines += ["", "Serving runs that produced no numbers:", "", *notes]
+    lines += ["", "Targets:", ""]
+    for t in report["targets"]:
+        ratio = "" if t["ratio"] is None else f" (measured {t['ratio']:.2f}x)"
+        lines.append(f"- {t['name']}: **{t['status']}**{ratio}")
+    lines += [
+        "",
+        f"Engine p50/p99 are over requests (GenAI-Perf); generate() p50/p99 are over "
+        f"{s.get('generate_repeats')} repeated runs. Numbers, commands and machine facts: "
+        f"`engine.json`. Reproduce: `{s.get('command', 'scripts/bench_engine.py')}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_reports(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "engine.json", out_dir / "engine.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    md_path.write_text(render_markdown(report))
+    return json_path, md_path
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench_engine.py", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--concurrency", type=parse_int_list, default=None,
+                        help="comma-separated concurrencies, also the generate() batch sizes "
+                             "(default 1,4,8,32; with --quick 1,4)")
+    parser.add_argument("--request-count", type=int, default=None,
+                        help="requests measured per concurrency (default max(2*N, 8); with "
+                             "--quick max(N, 2))")
+    parser.add_argument("--warmup-requests", type=int, default=None,
+                        help="concurrent requests sent once before the GenAI-Perf runs to warm "
+                             "the server up (default 4; with --quick 2; 0: none)")
+    parser.add_argument("--generate-repeats", type=int, default=None,
+                        help="timed generate() runs per batch size (default 3; with --quick 1)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run in a couple of minutes: concurrency/batch 1,4, few "
+                             "requests, one generate() repeat; reports go to the artifact "
+                             "directory unless --out-dir is given")
+    parser.add_argument("--url", default=None,
+                        help="gRPC host:port of a running server with `llm` loaded; default: "
+                             "start one (models engine,llm) on free ports")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="weights for generate() (default: the project's "
+                             "SmolLM2-135M-Instruct)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="tokenizer folder for GenAI-Perf (default: --model-dir)")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help=f"where engine.json and engine.md go (default "
+                             f"{display_path(DEFAULT_OUT_DIR)})")
+    parser.add_argument("--artifact-dir", type=Path, default=None,
+                        help="GenAI-Perf artifacts, its logs and the server log (default "
+                             ".cache/bench/engine-<time>)")
+    parser.add_argument("--skip-serving", action="store_true", help="only the generate() side")
+    parser.add_argument("--skip-generate", action="store_true", help="only the serving side")
+    parser.add_argument("--genai-perf-args", default="",
+                        help="extra arguments appended to every GenAI-Perf command, e.g. "
+                             "'--stability-percentage 25' or '-- --max-threads 8' (after `--`: "
+                             "passed to perf_analyzer). Not needed by default: with "
+                             "--request-count perf_analyzer takes one measurement of that many "
+                             "requests, stability 999%%, so no 'Failed to obtain stable "
+                             "measurement' on 2 cores. --measurement-interval cannot be combined "
+                             "with --request-count")
+    parser.add_argument("--genai-perf-timeout", type=float, default=1800.0,
+                        help="seconds one GenAI-Perf run may take (default 1800)")
+    parser.add_argument("--ready-timeout", type=float, default=300.0,
+                        help="seconds to wait for the server to load its models (default 300)")
+    args = parser.parse_args(argv)
+    args.concurrency = args.concurrency or list(QUICK_CONCURRENCY if args.quick
+                                                else DEFAULT_CONCURRENCY)
+    if args.generate_repeats is None:
+        args.generate_repeats = 1 if args.quick else 3
+    if args.warmup_requests is None:
+        args.warmup_requests = 2 if args.quick else 4
+    if args.generate_repeats < 1:
+        parser.error("--generate-repeats must be at least 1")
+    if args.request_count is not None and args.request_count < 1:
+        parser.error("--request-count must be at least 1")
+    if args.skip_serving and args.skip_generate:
+        parser.error("--skip-serving and --skip-generate leave nothing to run")
+    args.model_dir = args.model_dir or default_model_dir()
+    args.tokenizer = args.tokenizer or args.model_dir
+    args.genai_perf_args = shlex.split(args.genai_perf_args)
+    return args
+
+
+def _raise_interrupt(signum, _frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    artifact_dir = (args.artifact_dir or CACHE_DIR / "bench" / f"engine-{stamp}").resolve()
+    out_dir = args.out_dir or (artifact_dir / "report" if args.quick else DEFAULT_OUT_DIR)
+    if not (args.model_dir / "config.json").exists():
+        print(f"error: no model in {args.model_dir} (run `make setup`)", file=sys.stderr)
+        return 2
+    if not args.skip_serving and not GENAI_PERF.exists():
+        print(f"error: {GENAI_PERF} is missing", file=sys.stderr)
+        return 2
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    settings = {
+        "quick": args.quick,
+        "command": shlex.join(["scripts/bench_engine.py", *(argv if argv is not None
+                                                             else sys.argv[1:])]),
+        "concurrency": args.concurrency,
+        "input_tokens": INPUT_TOKENS,
+        "output_tokens": OUTPUT_TOKENS,
+        "generate_repeats": args.generate_repeats,
+        "model_dir": display_path(args.model_dir),
+        "artifact_dir": display_path(artifact_dir),
+        "generate_call": (f"AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)"
+                          f".generate(input_ids[B,{INPUT_TOKENS}] random ids, do_sample=False, "
+                          f"max_new_tokens={OUTPUT_TOKENS}, min_new_tokens={OUTPUT_TOKENS}); "
+                          f"TTFT: the same with max_new_tokens=1"),
+    }
+    machine = machine_facts()
+    log(f"artifacts: {artifact_dir}; reports: {out_dir}")
+    log(f"machine: {machine.get('nproc')} cores, {machine.get('cpu_model')}, load average "
+        f"{machine.get('load_average_at_start')}")
+    serving = generate = None
+    failed = False
+    try:
+        if not args.skip_serving:
+            serving = bench_serving(args, artifact_dir)
+            failed = "error" in serving or any("error" in r for r in serving["runs"])
+        if not args.skip_generate:
+            generate = bench_generate(args.model_dir, args.concurrency, args.generate_repeats)
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopped; no report written.", file=sys.stderr, flush=True)
+        return 130
+    except (BenchError, RuntimeError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    report = build_report(serving, generate, machine, settings)
+    json_path, md_path = write_reports(report, out_dir)
+    log(f"wrote {display_path(json_path)} and {display_path(md_path)}")
+    print()
+    print(render_markdown(report))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
