@@ -24,19 +24,20 @@ CANCELLED = "llm_engine_requests_cancelled_total"
 class EngineMetrics:
     def __init__(self, pb_utils: Any, labels: dict[str, str]) -> None:
         family = pb_utils.MetricFamily
-        self._running = family(
-            name=RUNNING, description="Requests in the engine's running batch",
-            kind=family.GAUGE,
-        ).Metric(labels=labels)
-        self._waiting = family(
-            name=WAITING, description="Requests waiting to join the engine's running batch",
-            kind=family.GAUGE,
-        ).Metric(labels=labels)
-        self._cancelled = family(
-            name=CANCELLED,
-            description="Requests the engine ended early (cancelled, stopped, client gone)",
-            kind=family.COUNTER,
-        ).Metric(labels=labels)
+        # Keep the families: a Metric whose MetricFamily was garbage-collected fails on update.
+        self._families = [
+            family(name=RUNNING, description="Requests in the engine's running batch",
+                   kind=family.GAUGE),
+            family(name=WAITING,
+                   description="Requests waiting to join the engine's running batch",
+                   kind=family.GAUGE),
+            family(name=CANCELLED,
+                   description="Requests the engine ended early (cancelled, stopped, client gone)",
+                   kind=family.COUNTER),
+        ]
+        self._running, self._waiting, self._cancelled = (
+            f.Metric(labels=labels) for f in self._families
+        )
         self._last = (0, 0, 0)
         self._failed = False
 

@@ -46,3 +46,16 @@ def start_parent_watchdog(interval_s: float = 1.0) -> None:
                 os._exit(0)
 
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def engine_stop_inputs() -> dict[str, np.ndarray]:
+    """Inputs of a TensorRT-LLM `stop` request: it ends the in-flight request with its id.
+
+    The contract's required inputs are filled with placeholders; only `stop` matters.
+    """
+    return {
+        "input_ids": np.zeros((1, 1), np.int32),
+        "input_lengths": np.ones((1, 1), np.int32),
+        "request_output_len": np.ones((1, 1), np.int32),
+        "stop": np.ones((1, 1), bool),
+    }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from python_backends.engine.block_manager import BlockManager
 from python_backends.engine.config import EngineConfig
@@ -29,10 +29,30 @@ class RequestOutput:
 
 @dataclass
 class EngineStats:
+    """Running totals, read by the metrics exporter (which publishes only changes)."""
+
     steps: int = 0
     prefill_steps: int = 0
     generated_tokens: int = 0
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # prompt tokens computed (cache hits are not computed)
+    finished_requests: int = 0
+    # (time to first token, time per output token or None) of requests finished since the
+    # exporter last took them; a bounded backlog if nobody reads it.
+    latencies: list[tuple[float, float | None]] = field(default_factory=list)
+
+    def record_finish(self, seq: Sequence, now: float) -> None:
+        self.finished_requests += 1
+        if seq.first_token_time is None:
+            return
+        ttft = seq.first_token_time - seq.arrival_time
+        n = seq.num_output_tokens
+        tpot = (now - seq.first_token_time) / (n - 1) if n > 1 else None
+        if len(self.latencies) < 10_000:
+            self.latencies.append((ttft, tpot))
+
+    def take_latencies(self) -> list[tuple[float, float | None]]:
+        taken, self.latencies = self.latencies, []
+        return taken
 
 
 class LLMEngine:
@@ -163,6 +183,7 @@ class LLMEngine:
                 new_tokens = ()  # the end id ends the output; it is not part of it
                 seq.output_token_ids.pop()
             if reason is not None:
+                self.stats.record_finish(seq, now)
                 self.scheduler.finish(seq, reason)
                 self.runner.sampler.forget(seq)
                 self._by_request_id.pop(seq.request_id, None)

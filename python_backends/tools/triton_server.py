@@ -148,11 +148,20 @@ class TritonServer:
             time.sleep(0.2)
         raise TimeoutError(f"tritonserver not ready within {timeout_s:.0f} s")
 
-    def stop(self, timeout_s: float = 20.0) -> int | None:
-        """SIGTERM, then SIGKILL the whole process group if it outlives `timeout_s`."""
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """SIGTERM, then SIGKILL the whole process group if it outlives `timeout_s`.
+
+        Default: twice the exit timeout (in-flight requests, then model unloading) plus 5 s.
+        A client that keeps a gRPC stream open makes tritonserver 2.51 hang for ever once
+        its exit timeout expires (its gRPC server waits for every open stream on exit), so
+        waiting longer gains nothing.
+        """
         proc = self.process
         if proc is None or proc.poll() is not None:
             return proc.returncode if proc else None
+        if timeout_s is None:
+            timeout_s = 2 * self.exit_timeout_s + 5.0
+        regions = _shm_regions(proc.pid)
         try:
             proc.send_signal(signal.SIGTERM)
             return proc.wait(timeout=timeout_s)
@@ -162,7 +171,27 @@ class TritonServer:
             # Stub processes share the group; none may outlive the server.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            # A killed stub leaves its shared-memory region behind (RAM in /dev/shm).
+            for region in regions:
+                region.unlink(missing_ok=True)
         return proc.wait()
+
+
+def _shm_regions(pgid: int) -> list[Path]:
+    """The Python-backend shared-memory regions of the stubs in this process group."""
+    regions = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != pgid:
+                continue
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ProcessLookupError):
+            continue
+        regions += [Path("/dev/shm") / a.decode() for a in args
+                    if a.startswith(b"triton_python_backend_shm_region_")]
+    return regions
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,9 @@ SEQUENCE_LENGTH ids are decoded on their own. In streaming that means each chunk
 tokens is decoded without its neighbours, so a character whose bytes straddle two chunks
 comes out as U+FFFD in both: upstream behaves the same, and the ensemble keeps upstream's
 contract. The `llm` model detokenizes incrementally (python_backends.text) instead.
+
+A request that arrives already cancelled means the client cancelled the ensemble stream
+(see config.pbtxt): the engine gets a `stop` for its request id, which frees its slot.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ try:
 except ImportError:  # started without the repository on PYTHONPATH
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
     from python_backends import text
+from python_backends.triton_glue import engine_stop_inputs
 
 _TRUE = {"true", "1", "t", "y", "yes"}
 
@@ -38,11 +42,17 @@ class TritonPythonModel:
         self.tokenizer = text.load_tokenizer(tokenizer_dir)
         skip = params.get("skip_special_tokens", {}).get("string_value", "true").lower()
         self.skip_special_tokens = skip.startswith("${") or skip in _TRUE
+        engine = params.get("engine_model", {}).get("string_value", "")
+        self.engine_model = "engine" if not engine or engine.startswith("${") else engine
 
     def execute(self, requests: list) -> list:
         """One response per request, in order; a bad request gets an error response."""
         responses = []
         for request in requests:
+            if request.is_cancelled():
+                # Still answer normally: in Triton 2.51 a step error while the engine step
+                # is in flight leaves the ensemble request counted in flight for ever.
+                self._stop_engine(request.request_id())
             try:
                 strings = self._decode(request)
                 # Flat [batch * beams], as upstream returns it: clients read text_output[0].
@@ -59,6 +69,22 @@ class TritonPythonModel:
                     )
                 )
         return responses
+
+    def _stop_engine(self, request_id: str) -> None:
+        """Free the engine slot of a cancelled ensemble stream (same request id)."""
+        if not request_id:
+            return  # nothing names the engine's request: it runs to its end
+        try:
+            stop = pb_utils.InferenceRequest(
+                model_name=self.engine_model,
+                inputs=[pb_utils.Tensor(n, v) for n, v in engine_stop_inputs().items()],
+                requested_output_names=["output_ids"],
+                request_id=request_id,
+            )
+            for _ in stop.exec(decoupled=True):
+                pass
+        except Exception as exc:
+            pb_utils.Logger.log_warn(f"postprocessing: could not stop {request_id!r}: {exc}")
 
     def _decode(self, request) -> list[str]:
         tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH")

@@ -1,0 +1,1 @@
+"""Integration tests: real tritonserver processes serving model_repository/."""
