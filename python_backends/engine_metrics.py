@@ -1,9 +1,13 @@
-"""The `engine` model's live counts as Triton custom metrics (the server's /metrics port).
+"""The engine's metrics as Triton custom metrics (the server's metrics port, /metrics).
 
-- llm_engine_requests_running (gauge): sequences in the running batch;
-- llm_engine_requests_waiting (gauge): sequences queued for admission (or preempted);
-- llm_engine_requests_cancelled_total (counter): requests ended early (client cancel,
-  `stop` request, client gone).
+Gauges: llm_engine_requests_running, llm_engine_requests_waiting, llm_engine_kv_blocks_used,
+llm_engine_kv_blocks_total.
+Counters: llm_engine_requests_cancelled_total (cancelled, stopped, client gone),
+llm_engine_requests_finished_total, llm_engine_preemptions_total,
+llm_engine_generated_tokens_total, llm_engine_prompt_tokens_total (computed),
+llm_engine_prefix_cache_queried_tokens_total and llm_engine_prefix_cache_hit_tokens_total
+(hit rate = hit / queried, in tokens).
+Histograms: llm_engine_time_to_first_token_seconds, llm_engine_time_per_output_token_seconds.
 
 Every update is a call into the server, so values are published only when they change.
 `pb_utils` is passed in (it exists only inside Triton), which keeps this testable.
@@ -12,6 +16,7 @@ Every update is a call into the server, so values are published only when they c
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -19,39 +24,73 @@ log = logging.getLogger(__name__)
 RUNNING = "llm_engine_requests_running"
 WAITING = "llm_engine_requests_waiting"
 CANCELLED = "llm_engine_requests_cancelled_total"
+TTFT = "llm_engine_time_to_first_token_seconds"
+TPOT = "llm_engine_time_per_output_token_seconds"
+
+# name -> (kind, description, how to read it from (engine, loop))
+_SERIES: dict[str, tuple[str, str, Callable[[Any, Any], int]]] = {
+    RUNNING: ("GAUGE", "Requests in the engine's running batch", lambda e, _: e.num_running),
+    WAITING: ("GAUGE", "Requests waiting to join the running batch (or preempted)",
+              lambda e, _: e.num_waiting),
+    "llm_engine_kv_blocks_used": ("GAUGE", "KV-cache blocks in use",
+                                  lambda e, _: e.block_manager.num_used_blocks),
+    "llm_engine_kv_blocks_total": ("GAUGE", "KV-cache blocks in the pool",
+                                   lambda e, _: e.block_manager.num_blocks),
+    CANCELLED: ("COUNTER", "Requests ended early (cancelled, stopped, client gone)",
+                lambda _, loop: loop.num_aborted),
+    "llm_engine_requests_finished_total": ("COUNTER", "Requests that ran to their end",
+                                           lambda e, _: e.stats.finished_requests),
+    "llm_engine_preemptions_total": ("COUNTER", "Sequences preempted for lack of KV blocks",
+                                     lambda e, _: e.scheduler.num_preemptions),
+    "llm_engine_generated_tokens_total": ("COUNTER", "Output tokens generated",
+                                          lambda e, _: e.stats.generated_tokens),
+    "llm_engine_prompt_tokens_total": ("COUNTER", "Prompt tokens computed (not from cache)",
+                                       lambda e, _: e.stats.prompt_tokens),
+    "llm_engine_prefix_cache_queried_tokens_total": (
+        "COUNTER", "Prompt tokens looked up in the prefix cache",
+        lambda e, _: e.block_manager.stats.queried_tokens),
+    "llm_engine_prefix_cache_hit_tokens_total": (
+        "COUNTER", "Prompt tokens served from the prefix cache",
+        lambda e, _: e.block_manager.stats.hit_tokens),
+}
+TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+TPOT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5]
 
 
 class EngineMetrics:
     def __init__(self, pb_utils: Any, labels: dict[str, str]) -> None:
         family = pb_utils.MetricFamily
         # Keep the families: a Metric whose MetricFamily was garbage-collected fails on update.
-        self._families = [
-            family(name=RUNNING, description="Requests in the engine's running batch",
-                   kind=family.GAUGE),
-            family(name=WAITING,
-                   description="Requests waiting to join the engine's running batch",
-                   kind=family.GAUGE),
-            family(name=CANCELLED,
-                   description="Requests the engine ended early (cancelled, stopped, client gone)",
-                   kind=family.COUNTER),
-        ]
-        self._running, self._waiting, self._cancelled = (
-            f.Metric(labels=labels) for f in self._families
-        )
-        self._last = (0, 0, 0)
+        self._families = {
+            name: family(name=name, description=desc, kind=getattr(family, kind))
+            for name, (kind, desc, _) in _SERIES.items()
+        }
+        self._metrics = {n: f.Metric(labels=labels) for n, f in self._families.items()}
+        self._last = dict.fromkeys(_SERIES, 0)
+        self._histograms = {}
+        for name, desc, buckets in ((TTFT, "Time to first token", TTFT_BUCKETS),
+                                    (TPOT, "Time per output token after the first",
+                                     TPOT_BUCKETS)):
+            fam = family(name=name, description=desc, kind=family.HISTOGRAM)
+            self._families[name] = fam
+            self._histograms[name] = fam.Metric(labels=labels, buckets=buckets)
         self._failed = False
 
-    def update(self, running: int, waiting: int, cancelled_total: int) -> None:
-        """Publish the counts that changed since the last call; never raises."""
-        last_running, last_waiting, last_cancelled = self._last
+    def update(self, engine: Any, loop: Any) -> None:
+        """Publish what changed since the last call; never raises."""
         try:
-            if running != last_running:
-                self._running.set(running)
-            if waiting != last_waiting:
-                self._waiting.set(waiting)
-            if cancelled_total > last_cancelled:
-                self._cancelled.increment(cancelled_total - last_cancelled)
-            self._last = (running, waiting, max(cancelled_total, last_cancelled))
+            for name, (kind, _, read) in _SERIES.items():
+                value = read(engine, loop)
+                last = self._last[name]
+                if kind == "GAUGE" and value != last:
+                    self._metrics[name].set(value)
+                elif kind == "COUNTER" and value > last:
+                    self._metrics[name].increment(value - last)
+                self._last[name] = value if kind == "GAUGE" else max(value, last)
+            for ttft, tpot in engine.stats.take_latencies():
+                self._histograms[TTFT].observe(ttft)
+                if tpot is not None:
+                    self._histograms[TPOT].observe(tpot)
         except Exception:  # metrics must never stop the engine loop
             if not self._failed:
                 log.exception("could not update the engine metrics")

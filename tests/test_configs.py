@@ -95,7 +95,10 @@ ENSEMBLE_INPUTS: Spec = {
     "guided_decoding_guide": ("TYPE_STRING", [1], True),
 }
 # Ours, not upstream: the pre-May-2025 name of min_tokens, still sent by GenAI-Perf.
-ENSEMBLE_EXTRA_INPUTS: Spec = {"min_length": ("TYPE_INT32", [1], True)}
+ENSEMBLE_EXTRA_INPUTS: Spec = {
+    "min_length": ("TYPE_INT32", [1], True),
+    "priority": ("TYPE_INT32", [1], True),
+}
 
 # The tensorrt_llm model's outputs (logits as TYPE_FP32, the documented default).
 ENGINE_OUTPUTS: Spec = {
@@ -284,16 +287,16 @@ def test_ensemble_contract() -> None:
 
 
 def test_trtllm_engine_contract() -> None:
-    """The deploy profile is upstream's tensorrt_llm config (plus min_length), nothing less."""
+    """The deploy profile is upstream's tensorrt_llm config (plus min_length and priority)."""
     config = load(TRTLLM_ENGINE)
     assert config.backend == "tensorrtllm"
     assert config.max_batch_size == ENSEMBLE_BATCH
     assert config.model_transaction_policy.decoupled
-    assert spec_of(config.input) == TRTLLM_INPUTS | {"min_length": ("TYPE_INT32", [1], True)}
+    assert spec_of(config.input) == TRTLLM_INPUTS | ENSEMBLE_EXTRA_INPUTS
     assert spec_of(config.output) == ENGINE_OUTPUTS
     scalars = {n for n, (_, dims, _) in TRTLLM_INPUTS.items() if dims == [1]}
     reshaped = {t.name for t in config.input if t.HasField("reshape")}
-    assert reshaped <= scalars | {"min_length"}
+    assert reshaped <= scalars | set(ENSEMBLE_EXTRA_INPUTS)
     assert config.parameters["gpt_model_path"].string_value
     assert not any(p.string_value.startswith("${") for p in config.parameters.values())
 

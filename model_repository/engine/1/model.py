@@ -37,9 +37,7 @@ class TritonPythonModel:
         self.loop = EngineLoop(self.engine)
         labels = {"model": args["model_name"], "version": str(args["model_version"])}
         self.metrics = EngineMetrics(pb_utils, labels)
-        self.loop.on_step = lambda engine: self.metrics.update(
-            engine.num_running, engine.num_waiting, self.loop.num_aborted
-        )
+        self.loop.on_step = lambda engine: self.metrics.update(engine, self.loop)
         self.loop.start()
         pb_utils.Logger.log_info(f"engine ready: {self.config.to_json()}")
 
