@@ -15,6 +15,7 @@ import itertools
 import json
 import queue
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -83,11 +84,18 @@ def stream_turn(
             model, inputs, request_id=request_id, enable_empty_final_response=True
         )
         parts: list[str] = []
+        deadline = time.monotonic() + timeout_s
         while True:
+            # Short waits: a Ctrl-C that the OS hands to one of gRPC's threads only reaches
+            # the main thread as KeyboardInterrupt once it runs Python code again.
             try:
-                result, error = responses.get(timeout=timeout_s)
+                result, error = responses.get(timeout=0.1)
             except queue.Empty:
-                raise ChatError(f"no response from the server within {timeout_s:.0f} s") from None
+                if time.monotonic() > deadline:
+                    raise ChatError(
+                        f"no response from the server within {timeout_s:.0f} s") from None
+                continue
+            deadline = time.monotonic() + timeout_s
             if error is not None:
                 raise ChatError(f"the server returned an error: {_message(error)}")
             output = result.as_numpy("text_output")
