@@ -8,6 +8,9 @@
    and off (target: p99 at least 3x lower with it on, and the long prompt's time to first
    token at most 1.5x worse).
 
+3. Decode speed of the engine alone at batch 1 and 32 (64-token prompts, 64 new tokens),
+   for comparison with the served numbers of bench_engine.py.
+
 Writes <out-dir>/engine_features.json and engine_features.md.
 """
 
@@ -119,6 +122,27 @@ def bench_chunked_prefill(model_dir: str, long_len: int, streams: int, budget: i
     return results
 
 
+def bench_decode(model_dir: str, batches: list[int], new_tokens: int) -> dict:
+    """The engine's own decode speed, no server: B sequences of 64-token prompts decoding
+    together; what the served numbers would be without the serving processes' CPU use."""
+    engine = LLMEngine(EngineConfig(model_dir=model_dir, enable_prefix_caching=False))
+    results = {}
+    for batch in batches:
+        params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+        for i in range(batch):
+            engine.add_request(f"d{batch}-{i}", prompt_ids(64, seed=100 + i), params)
+        engine.step()  # the prefill step
+        start, tokens = time.perf_counter(), 0
+        while engine.has_unfinished():
+            tokens += len(engine.step())
+        elapsed = time.perf_counter() - start
+        steps = tokens / batch
+        results[str(batch)] = {"tok_per_s": tokens / elapsed, "step_ms": elapsed / steps * 1000}
+        log(f"decode batch {batch}: {tokens / elapsed:.1f} tok/s, "
+            f"{elapsed / steps * 1000:.1f} ms a step")
+    return results
+
+
 def render(report: dict) -> str:
     p, c = report["prefix_cache"], report["chunked_prefill"]
     ok = lambda met: "met" if met else "not met"  # noqa: E731
@@ -159,7 +183,14 @@ def render(report: dict) -> str:
         f"ITL p99 is {ratio:.1f}x lower with chunked prefill (target >= 3x: {ok(ratio >= 3)}); "
         f"the long prompt's TTFT is {worse:.2f}x (target <= 1.5x: {ok(worse <= 1.5)}).",
         "",
+        "## Decode speed of the engine alone (no server)",
+        "",
+        "| batch | tok/s | ms a decode step |",
+        "|---:|---:|---:|",
     ]
+    for batch, r in report["decode"].items():
+        lines.append(f"| {batch} | {r['tok_per_s']:.1f} | {r['step_ms']:.1f} |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -173,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--chunk-budget", type=int, default=256,
                         help="max_num_batched_tokens with chunked prefill (default 256)")
+    parser.add_argument("--decode-batches", default="1,32",
+                        help="batch sizes for the decode-speed section (default 1,32)")
+    parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--out-dir", type=Path, default=REPO / "docs" / "benchmarks")
     args = parser.parse_args(argv)
     try:
@@ -185,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             "prefix_cache": bench_prefix_cache(args.model_dir, args.prompt_len, args.repeats),
             "chunked_prefill": bench_chunked_prefill(args.model_dir, args.long_len,
                                                      args.streams, args.chunk_budget),
+            "decode": bench_decode(args.model_dir, [int(b) for b in args.decode_batches.split(",")],
+                                   args.decode_tokens),
         }
     except KeyboardInterrupt:
         log("interrupted")

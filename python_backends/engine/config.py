@@ -30,7 +30,7 @@ class EngineConfig:
     num_threads: int = 0  # torch CPU threads; 0: every core
     enable_prefix_caching: bool = True  # reuse the KV blocks of shared prompt prefixes
     enable_chunked_prefill: bool = False  # split long prompts over steps (token budget)
-    enforce_eager: bool = True  # CUDA graphs are for a later step; CPU is always eager
+    enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps; CPU is always eager
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

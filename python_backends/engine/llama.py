@@ -4,6 +4,14 @@ Linear layers run on the flattened tokens of the whole batch ([num_tokens, hidde
 attention needs per-sequence structure, which `AttentionMetadata` describes. Weights load
 from a Hugging Face safetensors checkpoint; q/k/v and gate/up are fused at load time so a
 layer costs four matrix multiplies.
+
+Two paths compute the same function. On the CPU, plain PyTorch ops (decode attention
+gathers each sequence's blocks into a padded buffer). On CUDA, `forward` takes the fused
+path: Triton kernels (`triton_kernels`) for RMSNorm with the residual add, RoPE with the
+KV-cache write, SiLU-and-mul and paged decode attention, about nine launches a layer; its
+decode step reads every per-step value from tensors (no Python-side lengths), so the model
+runner can capture it in a CUDA graph. Prefill chunks (cached prefixes included) go through
+the same paged attention kernel, all chunks of a step in one launch.
 """
 
 from __future__ import annotations
@@ -87,11 +95,18 @@ class AttentionMetadata:
     logits_rows: torch.Tensor  # rows whose next-token logits are wanted
     num_decode: int = 0
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks]
+    # CUDA path: [num_decode] int32 tokens in each decode sequence's cache (0: padding row,
+    # which attends to nothing); read inside the attention kernel.
+    decode_context_lens: torch.Tensor | None = None
     decode_max_len: int = 0
     # 0 where a key position is within the sequence, -inf past it; [num_decode, 1, 1, len],
     # built once per step rather than once per layer.
     decode_bias: torch.Tensor | None = None
     prefill_block_tables: torch.Tensor | None = None  # [num_prefill, max_blocks]
+    # CUDA path: query_start and context_lens as int32 tensors, and the longest chunk.
+    prefill_query_start: torch.Tensor | None = None
+    prefill_context_lens: torch.Tensor | None = None
+    prefill_max_query_len: int = 0
     query_start: list[int] = field(default_factory=lambda: [0])  # prefill chunks
     context_lens: list[int] = field(default_factory=list)  # prefill: tokens after the step
 
@@ -167,6 +182,27 @@ class Attention(nn.Module):
             out[nd:] = self._prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta)
         return self.o_proj(out.reshape(n, -1))
 
+    def forward_fused(self, hidden, positions, rope_cos, rope_sin, k_cache, v_cache, meta):
+        """CUDA path: one Triton kernel for RoPE and the cache write, then paged attention:
+        one launch for the decode rows, one for all prefill chunks."""
+        from python_backends.engine import triton_kernels as tk
+
+        n = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)
+        tk.rope_and_cache(qkv, positions, rope_cos, rope_sin, meta.slot_mapping, k_cache,
+                          v_cache, self.num_heads, self.num_kv_heads, self.head_dim)
+        q = qkv[:, : self.split[0]].view(n, self.num_heads, self.head_dim)
+        out = torch.empty((n, self.num_heads, self.head_dim), dtype=q.dtype, device=q.device)
+        nd = meta.num_decode
+        if nd:
+            tk.paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                      meta.decode_context_lens, self.scale, out=out[:nd])
+        if n > nd:
+            tk.paged_prefill_attention(q[nd:], k_cache, v_cache, meta.prefill_block_tables,
+                                       meta.prefill_context_lens, meta.prefill_query_start,
+                                       meta.prefill_max_query_len, self.scale, out=out[nd:])
+        return self.o_proj(out.view(n, -1))
+
     def _prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         outputs = []
         starts = meta.query_start
@@ -236,6 +272,11 @@ class MLP(nn.Module):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        from python_backends.engine.triton_kernels import silu_and_mul
+
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
@@ -251,6 +292,20 @@ class DecoderLayer(nn.Module):
         )
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
+    def forward_fused(self, hidden, residual, positions, rope_cos, rope_sin, k_cache, v_cache,
+                      meta):
+        """CUDA path. Returns (this layer's MLP output, the residual stream before it); the
+        next layer's norm adds them (as vLLM does), which rounds like `hidden + mlp(...)`."""
+        from python_backends.engine.triton_kernels import rms_norm
+
+        norm = self.input_layernorm
+        normed, residual = rms_norm(hidden, norm.weight, norm.eps, residual)
+        attn = self.self_attn.forward_fused(normed, positions, rope_cos, rope_sin, k_cache,
+                                            v_cache, meta)
+        norm = self.post_attention_layernorm
+        normed, residual = rms_norm(attn, norm.weight, norm.eps, residual)
+        return self.mlp.forward_fused(normed), residual
+
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
@@ -263,6 +318,9 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # The Triton path; `load_model` turns it on for CUDA (tests may turn it on for the
+        # CPU under TRITON_INTERPRET=1).
+        self.fused_kernels = False
 
     def forward(
         self,
@@ -271,13 +329,42 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """Logits of each sequence's last token: [batch, vocab] in float32."""
+        """Logits of each sequence's last token: [batch, vocab] in float32.
+
+        `meta.logits_rows` None means every row (a CUDA-graph decode step)."""
+        if self.fused_kernels:
+            return self._forward_fused(input_ids, positions, kv_caches, meta)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         cos, sin = freqs.cos(), freqs.sin()
         hidden = self.embed_tokens(input_ids)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             hidden = layer(hidden, cos, sin, k_cache, v_cache, meta)
         last = self.norm(hidden[meta.logits_rows])
+        return self.lm_head(last).float()
+
+    def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [max_positions, head_dim // 2] (float32) for the fused RoPE kernel,
+        computed as the CPU path computes them per step."""
+        cached = getattr(self, "_rope_cos", None)
+        if cached is None or cached.device != self.inv_freq.device:
+            positions = torch.arange(self.config.max_position_embeddings,
+                                     device=self.inv_freq.device)
+            freqs = positions.float()[:, None] * self.inv_freq[None, :]
+            self._rope_cos, self._rope_sin = freqs.cos(), freqs.sin()
+        return self._rope_cos, self._rope_sin
+
+    def _forward_fused(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
+        from python_backends.engine.triton_kernels import rms_norm
+
+        rope_cos, rope_sin = self.rope_tables()
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer.forward_fused(hidden, residual, positions, rope_cos,
+                                                   rope_sin, k_cache, v_cache, meta)
+        if meta.logits_rows is not None:
+            hidden, residual = hidden[meta.logits_rows], residual[meta.logits_rows]
+        last, _ = rms_norm(hidden, self.norm.weight, self.norm.eps, residual)
         return self.lm_head(last).float()
 
     def load_hf_weights(self, state: dict[str, torch.Tensor]) -> None:
@@ -337,4 +424,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) 
         raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
     with torch.no_grad():
         model.load_hf_weights(state)
-    return model.to(dtype).eval()
+    model = model.to(dtype).eval()
+    # The rotary frequencies stay in float32 whatever the weights' dtype (`to` casts buffers).
+    model.inv_freq = rope_inv_freq(config).to(device)
+    model.fused_kernels = device.type == "cuda"
+    return model
