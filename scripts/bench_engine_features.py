@@ -194,6 +194,13 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _relative(value: object) -> object:
+    """Paths inside the checkout as relative paths, so reports name no machine's layout."""
+    if isinstance(value, str | Path) and str(value).startswith(str(REPO)):
+        return str(Path(value).relative_to(REPO))
+    return str(value) if isinstance(value, Path) else value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.processor() or platform.machine()}, "
                        f"{__import__('os').cpu_count()} cores",
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "args": {k: _relative(v) for k, v in vars(args).items()},
             "prefix_cache": bench_prefix_cache(args.model_dir, args.prompt_len, args.repeats),
             "chunked_prefill": bench_chunked_prefill(args.model_dir, args.long_len,
                                                      args.streams, args.chunk_budget),
