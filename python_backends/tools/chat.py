@@ -14,7 +14,9 @@ import contextlib
 import itertools
 import json
 import queue
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -240,6 +242,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # A shell starts background jobs with SIGINT ignored, and Python then installs no
+        # KeyboardInterrupt handler: Ctrl-C must stop an answer however we were started.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         client = connect(args.url, args.model)
     except ChatError as exc:
