@@ -48,6 +48,23 @@ def start_parent_watchdog(interval_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
+def stop_engine_request(pb_utils: Any, engine_model: str, request_id: str) -> None:
+    """Send the engine a TensorRT-LLM `stop` for `request_id` and wait for its answer.
+
+    Triton 2.51 passes no cancellation to BLS requests or running ensemble steps, so the
+    models that notice a cancelled client (`llm`, `postprocessing`) free the engine's slot
+    this way. `pb_utils` is passed in: it exists only inside a Triton stub.
+    """
+    stop = pb_utils.InferenceRequest(
+        model_name=engine_model,
+        inputs=[pb_utils.Tensor(n, v) for n, v in engine_stop_inputs().items()],
+        requested_output_names=["output_ids"],
+        request_id=request_id,
+    )
+    for _ in stop.exec(decoupled=True):
+        pass
+
+
 def engine_stop_inputs() -> dict[str, np.ndarray]:
     """Inputs of a TensorRT-LLM `stop` request: it ends the in-flight request with its id.
 

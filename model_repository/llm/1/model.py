@@ -23,6 +23,7 @@ from python_backends.triton_glue import (
     model_parameters,
     request_parameters,
     start_parent_watchdog,
+    stop_engine_request,
 )
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -195,21 +196,7 @@ class TritonPythonModel:
             target.send(response, flags=FINAL)
 
     def _stop_engine(self, inner_id):
-        """The TensorRT-LLM way to stop a request: a `stop` request with the same id."""
-        inputs = {
-            "input_ids": np.zeros((1, 1), np.int32),
-            "input_lengths": np.ones((1, 1), np.int32),
-            "request_output_len": np.ones((1, 1), np.int32),
-            "stop": np.ones((1, 1), bool),
-        }
-        stop = pb_utils.InferenceRequest(
-            model_name=self.engine_model,
-            inputs=[pb_utils.Tensor(n, v) for n, v in inputs.items()],
-            requested_output_names=ENGINE_OUTPUTS,
-            request_id=inner_id,
-        )
-        for _ in stop.exec(decoupled=True):
-            pass
+        stop_engine_request(pb_utils, self.engine_model, inner_id)
 
     def _watch_cancellation(self):
         while not self._stopping.is_set():

@@ -24,7 +24,7 @@ try:
 except ImportError:  # started without the repository on PYTHONPATH
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
     from python_backends import text
-from python_backends.triton_glue import engine_stop_inputs
+from python_backends.triton_glue import stop_engine_request
 
 _TRUE = {"true", "1", "t", "y", "yes"}
 
@@ -75,14 +75,7 @@ class TritonPythonModel:
         if not request_id:
             return  # nothing names the engine's request: it runs to its end
         try:
-            stop = pb_utils.InferenceRequest(
-                model_name=self.engine_model,
-                inputs=[pb_utils.Tensor(n, v) for n, v in engine_stop_inputs().items()],
-                requested_output_names=["output_ids"],
-                request_id=request_id,
-            )
-            for _ in stop.exec(decoupled=True):
-                pass
+            stop_engine_request(pb_utils, self.engine_model, request_id)
         except Exception as exc:
             pb_utils.Logger.log_warn(f"postprocessing: could not stop {request_id!r}: {exc}")
 
