@@ -21,10 +21,12 @@ import numpy as np
 
 from python_backends.engine.errors import InvalidRequestError
 from python_backends.engine.sampling import SamplingParams
+from router.policies.base import PRIORITY_NAMES
+from router.policies.base import parse_priority as parse_routing_priority
 
 Tensors = Mapping[str, np.ndarray]
 
-PRIORITY_LEVELS = {"high": 0, "normal": 1, "low": 2}
+PRIORITY_LEVELS = {name: level for level, name in enumerate(PRIORITY_NAMES)}
 DEFAULT_MAX_TOKENS = 16  # the vLLM default when a request names no length
 
 
@@ -77,19 +79,10 @@ def text_list(tensors: Tensors, name: str) -> list[str]:
 
 def parse_priority(value: Any) -> int:
     """'high'|'normal'|'low' or 0|1|2 (0 most urgent); None means normal."""
-    if value is None or value == "":
-        return PRIORITY_LEVELS["normal"]
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    if isinstance(value, str):
-        key = value.strip().lower()
-        if key in PRIORITY_LEVELS:
-            return PRIORITY_LEVELS[key]
-        if key.isdigit():
-            value = int(key)
-    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1, 2):
-        return value
-    raise RequestError(f"priority must be high, normal, low or 0, 1, 2; got {value!r}")
+    try:
+        return parse_routing_priority(value)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
 
 
 def _reject_unsupported(values: Mapping[str, Any]) -> None:

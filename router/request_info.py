@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 from tritonclient.grpc import service_pb2
 
+from router.policies import base as policy_base
 from router.policies.base import (
     PRIORITY_HIGH,
     PRIORITY_LOW,
-    PRIORITY_NAMES,
     PRIORITY_NORMAL,
     RouteRequest,
     token_key,
@@ -23,7 +23,6 @@ from router.policies.base import (
 
 PROMPT_INPUTS = ("text_input", "prompt", "messages", "chat", "input_ids")
 SESSION_KEYS = ("session_id", "user_id", "x-session-id", "x-user-id")
-PRIORITY_KEYS = ("priority", "x-priority")
 MAX_PROMPT_CHARS = 4096
 
 
@@ -134,17 +133,10 @@ def _priority(request: service_pb2.ModelInferRequest, headers: dict) -> int:
 
 
 def parse_priority(value: object) -> int:
-    """'high'|'normal'|'low' or 0|1|2 (0 most urgent), as the engine reads them."""
-    if value is None or value == "":
-        return PRIORITY_NORMAL
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    text = str(value).strip().lower()
-    if text in PRIORITY_NAMES:
-        return PRIORITY_NAMES.index(text)
-    if text in ("0", "1", "2"):
-        return int(text)
-    raise BadRequest(f"priority must be high, normal, low or 0, 1, 2; got {value!r}")
+    try:
+        return policy_base.parse_priority(value)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def _parameter_value(param) -> object:

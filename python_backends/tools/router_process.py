@@ -24,6 +24,7 @@ class RouterProcess:
     grpc_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     extra_args: Sequence[str] = ()
+    host: str = "127.0.0.1"
     log_path: Path | None = None
     process: subprocess.Popen | None = None
 
@@ -36,7 +37,7 @@ class RouterProcess:
         return f"http://127.0.0.1:{self.metrics_port}"
 
     def command(self) -> list[str]:
-        args = [sys.executable, "-m", "router", "--host", "127.0.0.1",
+        args = [sys.executable, "-m", "router", "--host", self.host,
                 "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port)]
         for instance in self.instances:
             args += ["--instance", instance]

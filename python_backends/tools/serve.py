@@ -1,9 +1,10 @@
 """Run the local serving stack in the foreground until Ctrl-C.
 
-Today the stack is one or more `tritonserver` processes serving model_repository/. The first
-instance listens on the usual Triton ports (HTTP 8000, gRPC 8001, metrics 8002) so Triton
-clients, perf_analyzer and GenAI-Perf work unchanged; further instances take the next free
-ports. The router (a later step) will take the usual ports in front of them.
+The stack: N `tritonserver` processes serving model_repository/ (2 by default) and the router
+in front of them on the usual Triton ports, gRPC 8001 and metrics 8002, so Triton clients,
+perf_analyzer and GenAI-Perf work unchanged. The router does not speak HTTP yet: HTTP 8000 is
+instance #0's own HTTP endpoint (not routed). With --no-router, a single instance serves on
+8000/8001/8002 itself.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from python_backends.paths import CACHE_DIR, MODEL_REPOSITORY, REPO_ROOT, default_model_dir
+from python_backends.tools.router_process import RouterProcess
 from python_backends.tools.triton_server import TritonServer, free_port
 
 DEFAULT_MODELS = ("engine", "llm", "preprocessing", "postprocessing", "ensemble")
@@ -39,8 +41,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
     parser.add_argument("--metrics-port", type=int, default=8002, help="metrics (default 8002)")
-    parser.add_argument("--instances", type=int, default=1,
-                        help="tritonserver processes (default 1); extra ones on free ports")
+    parser.add_argument("--instances", type=int,
+                        help="tritonserver processes behind the router (default 2)")
+    parser.add_argument("--no-router", action="store_true",
+                        help="no router: one tritonserver on the usual ports")
+    parser.add_argument("--policy", default="hybrid",
+                        help="the router's routing policy (default hybrid; see "
+                             "`python -m router --help`)")
+    parser.add_argument("--router-config", type=Path,
+                        help="a router TOML config file (see router/config.py)")
     parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY)
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                         help="comma-separated models to load (default: %(default)s)")
@@ -53,8 +62,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.instances is None:
+        args.instances = 1 if args.no_router else 2
     if args.instances < 1:
         print("error: --instances must be at least 1", file=sys.stderr)
+        return 2
+    if args.no_router and args.instances > 1:
+        print("error: --no-router serves one instance; drop --instances", file=sys.stderr)
         return 2
     for name, port in (("HTTP", args.http_port), ("gRPC", args.grpc_port),
                        ("metrics", args.metrics_port)):
@@ -66,12 +80,20 @@ def main(argv: list[str] | None = None) -> int:
     models = [m for m in args.models.split(",") if m]
     servers = []
     for i in range(args.instances):
-        ports = ((args.http_port, args.grpc_port, args.metrics_port) if i == 0
-                 else (free_port(), free_port(), free_port()))
+        if i == 0 and args.no_router:
+            ports = (args.http_port, args.grpc_port, args.metrics_port)
+        else:
+            ports = (args.http_port if i == 0 else free_port(), free_port(), free_port())
         servers.append(TritonServer(
             model_repository=args.model_repository, http_port=ports[0], grpc_port=ports[1],
             metrics_port=ports[2], models=models, log_path=args.log_dir / f"triton-{i}.log",
         ))
+    router = None if args.no_router else RouterProcess(
+        instances=[f"{s.grpc_url},127.0.0.1:{s.metrics_port}" for s in servers],
+        grpc_port=args.grpc_port, metrics_port=args.metrics_port, host="0.0.0.0",
+        extra_args=["--policy", args.policy,
+                    *(["--config", str(args.router_config)] if args.router_config else [])],
+        log_path=args.log_dir / "router.log")
 
     stopping = False
 
@@ -100,36 +122,51 @@ def main(argv: list[str] | None = None) -> int:
                         raise
                     print(f"  waiting for #{i} to load its models "
                           f"({time.monotonic() - started:.0f} s) ...", flush=True)
+        if router is not None and not stopping:
+            print(f"starting the router (log: {router.log_path}) ...", flush=True)
+            router.start().wait_ready(healthy_instances=len(servers))
         if not stopping:
-            print_ready(servers)
+            print_ready(servers, router, args.policy)
         while not stopping:
             for i, server in enumerate(servers):
                 if server.process.poll() is not None:
                     print(f"error: tritonserver #{i} exited with code "
                           f"{server.process.returncode}; see {server.log_path}", file=sys.stderr)
                     stopping = True
+            if router is not None and router.process.poll() is not None:
+                print(f"error: the router exited with code {router.process.returncode}; "
+                      f"see {router.log_path}", file=sys.stderr)
+                stopping = True
             time.sleep(0.5)
     except (RuntimeError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
+        if router is not None:
+            router.stop()
         for server in servers:
             server.stop()
         print("stopped.", flush=True)
     return 0
 
 
-def print_ready(servers: list[TritonServer]) -> None:
-    first = servers[0]
+def print_ready(servers: list[TritonServer], router: RouterProcess | None,
+                policy: str) -> None:
+    grpc_port = router.grpc_port if router else servers[0].grpc_port
     print("\nThe stack is ready.")
+    if router is not None:
+        print(f"  router: gRPC {router.grpc_port}  metrics, /health and admin API "
+              f"{router.metrics_port}  (policy: {policy})")
     for i, s in enumerate(servers):
         print(f"  tritonserver #{i}: HTTP {s.http_port}  gRPC {s.grpc_port}  "
               f"metrics {s.metrics_port}")
+    if router is not None:
+        print(f"  HTTP {servers[0].http_port} is instance #0 itself (the router speaks gRPC)")
     print("  models: llm (text in/out), ensemble (TensorRT-LLM contract), engine (token ids)")
     print("\nTry it:")
-    print(f"  .venv/bin/python scripts/chat.py --url localhost:{first.grpc_port}")
+    print(f"  .venv/bin/python scripts/chat.py --url localhost:{grpc_port}")
     print(f"  scripts/genai-perf profile -m llm --endpoint-type kserve --backend vllm --streaming "
-          f"-u localhost:{first.grpc_port} --concurrency 4 --request-count 20 "
+          f"-u localhost:{grpc_port} --concurrency 4 --request-count 20 "
           f"--synthetic-input-tokens-mean 64 --output-tokens-mean 64 "
           f"--tokenizer {default_model_dir().relative_to(REPO_ROOT)}")
     print("\nCtrl-C stops the stack.", flush=True)

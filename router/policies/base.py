@@ -22,6 +22,24 @@ PRIORITY_NAMES = ("high", "normal", "low")
 T = TypeVar("T")
 
 
+def parse_priority(value: object) -> int:
+    """'high'|'normal'|'low' or 0|1|2 (0 most urgent), as text, bytes or int; None and ''
+    mean normal. Every routing level and the engine read priorities with this one rule."""
+    if value is None or value == "" or value == b"":
+        return PRIORITY_NORMAL
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in PRIORITY_NAMES:
+            return PRIORITY_NAMES.index(text)
+        if text.isdigit():
+            value = int(text)
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1, 2):
+        return value
+    raise ValueError(f"priority must be high, normal, low or 0, 1, 2; got {value!r}")
+
+
 def token_key(token_ids: Iterable[int]) -> str:
     """Token ids as a string, one character per token, so one radix tree serves text and ids.
 

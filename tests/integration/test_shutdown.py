@@ -115,12 +115,12 @@ def processes_mentioning(text: str) -> list[str]:
 class Serve:
     """`python -m python_backends.tools.serve` on free ports, its output read on a thread."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, *args: str) -> None:
         self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "python_backends.tools.serve",
              "--http-port", str(self.http), "--grpc-port", str(self.grpc),
-             "--metrics-port", str(self.metrics), "--log-dir", str(log_dir)],
+             "--metrics-port", str(self.metrics), "--log-dir", str(log_dir), *args],
             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,  # its own process group, as a shell job has
         )
@@ -157,9 +157,13 @@ class Serve:
                 os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_during_streaming_stops_everything(tmp_path, tokenizer, sig):
-    serve = Serve(tmp_path)
+@pytest.mark.parametrize(("sig", "stack"), [
+    (signal.SIGINT, ()),  # the default stack: the router in front of two instances
+    (signal.SIGTERM, ("--no-router",)),
+], ids=["SIGINT-router-2-instances", "SIGTERM-no-router"])
+def test_signal_during_streaming_stops_everything(tmp_path, tokenizer, sig, stack):
+    serve = Serve(tmp_path, *stack)
+    instances = 1 if stack else 2
     streams: list[Stream] = []
     tree: dict[int, tuple[float, str]] = {}
     try:
@@ -178,8 +182,11 @@ def test_signal_during_streaming_stops_everything(tmp_path, tokenizer, sig):
 
         tree = process_tree(serve.proc.pid)
         stubs = [pid for pid, (_, cmd) in tree.items() if STUB in cmd]
-        servers = [pid for pid, (_, cmd) in tree.items() if f"--grpc-port={serve.grpc}" in cmd]
-        assert len(servers) == 1 and len(stubs) == 4, tree  # the four Python models
+        servers = [pid for pid, (_, cmd) in tree.items() if "--model-repository=" in cmd]
+        routers = [pid for pid, (_, cmd) in tree.items() if "-m router" in cmd]
+        assert len(servers) == instances, tree
+        assert len(stubs) == 4 * instances, tree  # the four Python models
+        assert len(routers) == (0 if stack else 1), tree
 
         if sig == signal.SIGINT:
             os.killpg(serve.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
@@ -196,7 +203,8 @@ def test_signal_during_streaming_stops_everything(tmp_path, tokenizer, sig):
             return not any(still_running(pid, start) for pid, (start, _) in tree.items())
 
         wait_until(tree_gone, 10.0, "processes of the stack outlived serve")
-        assert not processes_mentioning(f"--grpc-port={serve.grpc}")
+        assert not processes_mentioning(f"--http-port={serve.http}")
+        assert not processes_mentioning(f"--grpc-port {serve.grpc}")
         # Nor the stubs' shared-memory regions (RAM in /dev/shm).
         regions = [arg for _, cmd in tree.values() for arg in cmd.split()
                    if arg.startswith("triton_python_backend_shm_region_")]
