@@ -74,6 +74,10 @@ class Admission:
         queue = self.queues[request.priority]
         queue.append(waiter)
         self._on_queue_change(request.priority, len(queue))
+        if self._has_free_seat():
+            # A seat the earlier waiters cannot use (another model's instance) may suit
+            # this one; dispatch keeps the priority order for the seats they can use.
+            self.dispatch()
         wait_s = self.max_queue_wait_s if timeout_s is None else min(timeout_s,
                                                                      self.max_queue_wait_s)
         started = time.monotonic()

@@ -29,7 +29,7 @@ def _add(total: Message, part: Message) -> None:
             target = getattr(total, name)
             for key, item in value.items():
                 _add(target[key], item)
-        elif field.label == field.LABEL_REPEATED and field.message_type is not None:
+        elif _is_repeated(field) and field.message_type is not None:
             key_fields = _KEYED.get(name, ())
             target = getattr(total, name)
             for item in value:
@@ -52,6 +52,11 @@ def _add(total: Message, part: Message) -> None:
 _NUMBERS = {getattr(FieldDescriptor, f"TYPE_{name}") for name in (
     "DOUBLE", "FLOAT", "INT64", "UINT64", "INT32", "FIXED64", "FIXED32", "UINT32", "SFIXED32",
     "SFIXED64", "SINT32", "SINT64")}
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    repeated = getattr(field, "is_repeated", None)  # protobuf >= 5.29; `label` is deprecated
+    return repeated if repeated is not None else field.label == field.LABEL_REPEATED
 
 
 def merge_repository_index(answers: Sequence[bytes]) -> bytes:

@@ -51,6 +51,17 @@ class DnsConfig:
     metrics_port: int | None = 8002
     interval_s: float = 10.0
 
+    def __post_init__(self) -> None:
+        _check_types(self, "dns.")
+        if not self.name:
+            raise ConfigError("dns.name must name a DNS record")
+        for name in ("grpc_port", "metrics_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 < port < 65536:
+                raise ConfigError(f"dns.{name} must be a TCP port (1-65535), got {port}")
+        if self.interval_s <= 0:
+            raise ConfigError(f"dns.interval_s must be positive, got {self.interval_s}")
+
 
 @dataclass(frozen=True)
 class ModelRouting:
@@ -81,6 +92,7 @@ class RouterConfig:
     drain_timeout_s: float = 600.0  # a drained instance is dropped after this even if busy
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name in ("grpc_port", "metrics_port"):
             port = getattr(self, name)
             if not 0 <= port < 65536:
@@ -114,6 +126,22 @@ class RouterConfig:
     def routing_for(self, model: str) -> ModelRouting:
         return self.models.get(model) or ModelRouting(self.default_policy,
                                                       self.default_policy_options)
+
+
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_types(config: object, prefix: str = "") -> None:
+    """Scalar fields must hold their type (a TOML typo must not surface as a TypeError)."""
+    for item in fields(config):
+        value = getattr(config, item.name)
+        kind = str(item.type).split(" | ")[0]
+        expected = _SCALARS.get(kind)
+        if expected is None or (value is None and "None" in str(item.type)):
+            continue
+        wrong_bool = isinstance(value, bool) and bool not in expected
+        if wrong_bool or not isinstance(value, expected):
+            raise ConfigError(f"{prefix}{item.name} must be {kind}, got {value!r}")
 
 
 def parse_address(address: str, where: str = "address") -> tuple[str, int]:

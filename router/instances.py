@@ -255,7 +255,8 @@ class InstancePool:
             metrics = f"{host}:{dns.metrics_port}" if dns.metrics_port else None
             wanted[f"{host}:{dns.grpc_port}"] = metrics
         for address, metrics in wanted.items():
-            if address not in self.instances:
+            known = self.instances.get(address)
+            if known is None or known.draining:  # new, or back before its drain ended
                 self.add(address, metrics, source="dns")
         for instance in list(self.instances.values()):
             if instance.source == "dns" and instance.name not in wanted:

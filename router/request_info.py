@@ -58,7 +58,7 @@ def prompt_key(request: service_pb2.ModelInferRequest,
         raw = (request.raw_input_contents[index]
                if index < len(request.raw_input_contents) else None)
         if name == "input_ids":
-            return token_key(_int_values(tensor, raw, max_chars))
+            return token_key(v for v in _int_values(tensor, raw, max_chars) if 0 <= v < 0x110000)
         return _first_string(tensor, raw, max_chars)
     return ""
 
@@ -93,7 +93,7 @@ def _int_values(tensor, raw: bytes | None, max_count: int) -> list[int]:
         contents = tensor.contents
         values = (contents.int_contents or contents.int64_contents or contents.uint_contents
                   or contents.uint64_contents)[:max_count]
-    return [v for v in values if 0 <= v < 0x110000]
+    return list(values)
 
 
 def _session_id(request: service_pb2.ModelInferRequest, headers: dict) -> str | None:
