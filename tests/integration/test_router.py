@@ -354,3 +354,17 @@ def test_drain_finishes_in_flight_then_drops_and_add_brings_back(fleet):
         assert {served_by(echo(client, f"back {i}")) for i in range(6)} == {"a", "b"}
         status, error = router.admin("POST", "/v1/instances", {"address": "nonsense"})
         assert status == 400 and "host:port" in error["error"]
+
+
+def test_dns_discovery_finds_the_instances_behind_a_name(fleet):
+    """`localhost` stands in for a Kubernetes headless Service: its A record is instance a."""
+    a = fleet.servers["a"]
+    with running_router([], fleet.log_dir, "--dns", "localhost", "--dns-grpc-port",
+                        str(a.grpc_port), "--dns-metrics-port", str(a.metrics_port),
+                        "--dns-interval", "0.5", healthy=1) as router:
+        client = grpcclient.InferenceServerClient(router.grpc_url)
+        assert served_by(echo(client, "via dns")) == "a"
+        _, instances = router.admin("GET", "/v1/instances")
+        found = [i for i in instances if i["healthy"]]
+        assert [i["source"] for i in found] == ["dns"]
+        assert found[0]["address"] == f"127.0.0.1:{a.grpc_port}"
