@@ -113,6 +113,7 @@ def display_path(path: Path) -> str:
 def genai_perf_command(
     url: str, concurrency: int, request_count: int, tokenizer: Path, artifact_dir: Path,
     extra_args: Sequence[str] = (), genai_perf: Path | str = GENAI_PERF,
+    input_tokens: int = INPUT_TOKENS, output_tokens: int = OUTPUT_TOKENS,
 ) -> list[str]:
     """The GenAI-Perf 0.0.16 `profile` command for one concurrency against `llm`.
 
@@ -125,9 +126,9 @@ def genai_perf_command(
         "-u", url,
         "--concurrency", str(concurrency),
         "--request-count", str(request_count),
-        "--synthetic-input-tokens-mean", str(INPUT_TOKENS),
+        "--synthetic-input-tokens-mean", str(input_tokens),
         "--synthetic-input-tokens-stddev", "0",
-        "--output-tokens-mean", str(OUTPUT_TOKENS),
+        "--output-tokens-mean", str(output_tokens),
         "--output-tokens-mean-deterministic",
         "--random-seed", "0",
         "--tokenizer", str(tokenizer),
@@ -248,7 +249,8 @@ def run_genai_perf(cmd: list[str], log_path: Path, timeout_s: float,
 
 
 def warm_up(url: str, requests: int, timeout_s: float = 600.0,
-            server_process: subprocess.Popen | None = None) -> float:
+            server_process: subprocess.Popen | None = None,
+            output_tokens: int = OUTPUT_TOKENS) -> float:
     """Send `requests` concurrent streaming requests of the benchmark's shape; wait for all.
 
     Done with tritonclient, not GenAI-Perf's --warmup-request-count: with concurrency > 1 that
@@ -270,7 +272,7 @@ def warm_up(url: str, requests: int, timeout_s: float = 600.0,
             finals.put(None)
 
     prompt = "The quick brown fox jumps over the lazy dog. " * 6  # about 60 tokens
-    sampling = json.dumps({"max_tokens": OUTPUT_TOKENS, "min_tokens": OUTPUT_TOKENS})
+    sampling = json.dumps({"max_tokens": output_tokens, "min_tokens": output_tokens})
     client = grpcclient.InferenceServerClient(url)
     started = time.monotonic()
     try:
