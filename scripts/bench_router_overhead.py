@@ -573,7 +573,8 @@ def py_spy_binary() -> str:
     return found
 
 
-PY_SPY_OPTIONS = ("--rate", "100", "--native", "--nolineno", "--format", "raw")
+PY_SPY_OPTIONS = ("--rate", "200", "--native", "--nolineno", "--format", "raw")
+PROFILE_WINDOW_FACTOR = 3  # profiled runs use 3x the window: more samples
 
 
 def profile_router(bench: Bench, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
@@ -631,7 +632,8 @@ def profile_attached(bench: Bench, py_spy: str, mode: str, raw: Path,
         if spy.poll() is not None:
             return None
         log(f"profile {mode}: py-spy attached to the router (pid {bench.router.process.pid})")
-        measurement = bench.measure(mode, "router", PROFILE_CONCURRENCY, "profile")
+        measurement = bench.measure(mode, "router", PROFILE_CONCURRENCY, "profile",
+                                    window_ms=bench.args.window_ms * PROFILE_WINDOW_FACTOR)
     finally:
         if spy.poll() is None:
             spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
@@ -656,7 +658,8 @@ def profile_child(bench: Bench, py_spy: str, mode: str, raw: Path,
     try:
         router.wait_ready(healthy_instances=1)
         bench.router = router  # measure() uses its URL; CPU time includes py-spy's
-        measurement = bench.measure(mode, "router", PROFILE_CONCURRENCY, "profile")
+        measurement = bench.measure(mode, "router", PROFILE_CONCURRENCY, "profile",
+                                    window_ms=bench.args.window_ms * PROFILE_WINDOW_FACTOR)
     finally:
         bench.router = main_router
         # Stop the router (py-spy's child): py-spy then writes the profile and exits.

@@ -655,6 +655,10 @@ def run_policy(workload: str, policy: str, args: argparse.Namespace, fleet: Flee
         fleet.check(f"the {workload} run")
         time.sleep(1.0)  # the engines publish their counters after their last step
         run["engine"] = engine_delta(before, fleet.counters())
+        # CPU the fleet spent per request: the work a policy leaves the engines, which other
+        # work on the cores does not inflate the way it inflates wall-clock numbers.
+        finished = run["engine"]["total"]["requests_finished"]
+        run["fleet_cpu_s_per_request"] = fleet_cpu / finished if finished else None
         run["router"] = router_summary(router.metrics_text(), fleet.names())
         run["router_log"] = display_path(router.log_path)
     finally:
@@ -712,6 +716,9 @@ def ratios_vs_baseline(runs: dict[str, dict]) -> dict[str, dict[str, float | Non
             "output_token_throughput_x": _ratio(run.get("output_token_throughput"),
                                                 base.get("output_token_throughput")),
             "ttft_p50_x": _ratio(ttft_p50(run), ttft_p50(base)),
+            # > 1: fewer fleet CPU-seconds per request than round_robin (more capacity).
+            "fleet_capacity_x": _ratio(base.get("fleet_cpu_s_per_request"),
+                                       run.get("fleet_cpu_s_per_request")),
         }
     return out
 
@@ -832,15 +839,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         "prefix-cache hit tokens / queried tokens over the run, summed over the instances.",
         "",
         "| policy | hit rate | x RR | output tok/s | x RR | req/s | TTFT p50 / p99 ms "
-        "| prompt tokens computed | requests per instance | routing decisions "
+        "| prompt tokens computed | fleet CPU-s / request (RR / this) "
+        "| requests per instance | routing decisions "
         "| other work: before / during |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     shared = report["shared_prefix"]["runs"]
     ratios = report["shared_prefix"]["ratios_vs_round_robin"]
     for policy, run in shared.items():
         if "error" in run:
-            lines.append(f"| {policy} | FAILED: {run['error'].splitlines()[0]} ||||||||||")
+            lines.append(f"| {policy} | FAILED: {run['error'].splitlines()[0]} |||||||||||")
             continue
         r = ratios.get(policy, {})
         lines.append(
@@ -848,7 +856,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {_fmt(run.get('output_token_throughput'))} "
             f"| {_fmt(r.get('output_token_throughput_x'), 2)} "
             f"| {_fmt(run.get('request_throughput'), 2)} | {_pair(run.get('ttft_ms'))} "
-            f"| {int(run['engine']['total']['prompt_tokens'])} | {_spread(run)} "
+            f"| {int(run['engine']['total']['prompt_tokens'])} "
+            f"| {_fmt(run.get('fleet_cpu_s_per_request'), 2)} "
+            f"({_fmt(r.get('fleet_capacity_x'), 2)}) | {_spread(run)} "
             f"| {_reasons(run)} | {_load(run)} |")
     multi = report["multi_turn"]["runs"]
     if multi:
@@ -864,20 +874,22 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"`llm` model returns, over turns 2+. Output tok/s: output tokens / wall time.",
             "",
             "| policy | hit rate | later turns hit rate | output tok/s | req/s "
-            "| TTFT p50 / p99 ms | later turns TTFT p50 / p99 ms | requests per instance "
+            "| TTFT p50 / p99 ms | later turns TTFT p50 / p99 ms "
+            "| fleet CPU-s / request | requests per instance "
             "| routing decisions | other work: before / during |",
-            "|---|---:|---:|---:|---:|---:|---:|---|---|---:|",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
         ]
         for policy, run in multi.items():
             if "error" in run:
-                lines.append(f"| {policy} | FAILED: {run['error'].splitlines()[0]} |||||||||")
+                lines.append(f"| {policy} | FAILED: {run['error'].splitlines()[0]} ||||||||||")
                 continue
             lines.append(
                 f"| {policy} | {_pct(hit_rate(run))} "
                 f"| {_pct(run.get('client_hit_rate_later_turns'))} "
                 f"| {_fmt(run.get('output_token_throughput'))} "
                 f"| {_fmt(run.get('request_throughput'), 2)} | {_pair(run.get('ttft_ms'))} "
-                f"| {_pair(run.get('ttft_ms_later_turns'))} | {_spread(run)} "
+                f"| {_pair(run.get('ttft_ms_later_turns'))} "
+                f"| {_fmt(run.get('fleet_cpu_s_per_request'), 2)} | {_spread(run)} "
                 f"| {_reasons(run)} | {_load(run)} |")
     lines += ["", "## Targets", ""]
     for t in report["targets"]:
@@ -926,6 +938,11 @@ def report_notes(sizes: Sizes) -> list[str]:
         "the tritonservers instead) and the router is a new process (empty radix tree and "
         "session table); each instance then gets one short warm-up request sent to it "
         "directly, the same for every policy and excluded from the counters.",
+        "Fleet CPU-s / request: CPU-seconds the tritonservers (engine, llm, stubs) and the "
+        "router used during the run, per request the engines finished; RR / this > 1 means "
+        "the policy left the fleet less work per request than round_robin. Unlike tok/s and "
+        "TTFT it hardly moves when other work shares the cores, so it is the steadier "
+        "measure of what routing saves (on dedicated cores throughput would follow it).",
         "Requests per instance are the router's routing decisions per instance (instance "
         "index order). Other work, before: how busy the cores were just before the run "
         "(our fleet idle, so this is other work; each run first waits up to "
@@ -1003,7 +1020,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="restart the tritonservers before every run instead of "
                              "reloading the `engine` model (both give cold caches; reloading "
                              "is faster)")
-    parser.add_argument("--settle-max-wait", type=float, default=60.0,
+    parser.add_argument("--settle-max-wait", type=float, default=30.0,
                         help="before each run, wait up to this many seconds for the cores to "
                              "be less busy than --settle-cpu (other work); 0: don't wait")
     parser.add_argument("--settle-cpu", type=float, default=0.35,
