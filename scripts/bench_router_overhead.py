@@ -573,7 +573,7 @@ def py_spy_binary() -> str:
     return found
 
 
-PY_SPY_OPTIONS = ("--rate", "200", "--native", "--nolineno", "--format", "raw")
+PY_SPY_OPTIONS = ("--rate", "100", "--native", "--nolineno", "--format", "raw")
 PROFILE_WINDOW_FACTOR = 3  # profiled runs use 3x the window: more samples
 
 
