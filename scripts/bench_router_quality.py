@@ -282,7 +282,6 @@ class Fleet:
         import tritonclient.grpc as grpcclient
 
         started = time.monotonic()
-        errors: list[BaseException] = []
 
         def one(server: TritonServer) -> None:
             client = grpcclient.InferenceServerClient(server.grpc_url)
@@ -294,18 +293,10 @@ class Fleet:
                         raise BenchError(f"{server.grpc_url}: engine did not unload")
                     time.sleep(0.1)
                 client.load_model("engine", client_timeout=timeout_s)
-            except BaseException as exc:  # re-raised below in the main thread
-                errors.append(exc)
             finally:
                 client.close()
 
-        threads = [threading.Thread(target=one, args=(s,), daemon=True) for s in self.servers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise BenchError(f"engine reload failed: {errors[0]}")
+        self._on_each(one, "engine reload")
         return time.monotonic() - started
 
     def start(self, timeout_s: float) -> float:
@@ -317,11 +308,26 @@ class Fleet:
         return time.monotonic() - started
 
     def stop(self) -> None:
-        threads = [threading.Thread(target=s.stop, daemon=True) for s in self.servers]
+        self._on_each(TritonServer.stop, "stop", raise_error=False)  # cleanup: never masks
+
+    def _on_each(self, fn, what: str, raise_error: bool = True) -> None:
+        """`fn(server)` for every server at once; the first error is raised here."""
+        errors: list[BaseException] = []
+
+        def guarded(server: TritonServer) -> None:
+            try:
+                fn(server)
+            except BaseException as exc:  # re-raised below in the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=guarded, args=(s,), daemon=True)
+                   for s in self.servers]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        if errors and raise_error:
+            raise BenchError(f"{what} failed: {errors[0]}")
 
     def check(self, during: str) -> None:
         for server in self.servers:
@@ -333,22 +339,9 @@ class Fleet:
     def warm(self, output_tokens: int = 4) -> float:
         """One short request straight to each instance (not through the router), together."""
         started = time.monotonic()
-        errors: list[BaseException] = []
-
-        def one(server: TritonServer) -> None:
-            try:
-                warm_up(server.grpc_url, 1, timeout_s=120.0, server_process=server.process,
-                        output_tokens=output_tokens)
-            except BaseException as exc:  # re-raised below in the main thread
-                errors.append(exc)
-
-        threads = [threading.Thread(target=one, args=(s,), daemon=True) for s in self.servers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise BenchError(f"warm-up failed: {errors[0]}")
+        self._on_each(lambda server: warm_up(
+            server.grpc_url, 1, timeout_s=120.0, server_process=server.process,
+            output_tokens=output_tokens), "warm-up")
         return time.monotonic() - started
 
     def router_args(self) -> list[str]:
