@@ -16,7 +16,7 @@ import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 from tritonclient.grpc import service_pb2
@@ -41,6 +41,33 @@ ENGINE_GAUGES = {
     "llm_engine_kv_blocks_used": "kv_blocks_used",
     "llm_engine_kv_blocks_total": "kv_blocks_total",
 }
+ENGINE_COUNTERS = {
+    "llm_engine_prefix_cache_queried_tokens_total": "queried",
+    "llm_engine_prefix_cache_hit_tokens_total": "hit",
+}
+
+
+@dataclass
+class HitRateWindow:
+    """An engine's recent prefix-cache hit rate, from its cumulative counters: hit / queried
+    tokens since the last sample that had at least `min_queried` new queried tokens. A
+    lifetime ratio would let a cold start or old traffic speak for now."""
+
+    min_queried: float = 256.0
+    rate: float | None = None
+    _base: tuple[float, float] | None = None
+
+    def update(self, queried: float | None, hit: float | None) -> float | None:
+        if queried is None or hit is None:
+            return self.rate
+        if self._base is None or queried < self._base[0]:  # first sample, or a new engine
+            self._base = (queried, hit)
+            return self.rate
+        new_queried = queried - self._base[0]
+        if new_queried >= self.min_queried:
+            self.rate = min(max((hit - self._base[1]) / new_queried, 0.0), 1.0)
+            self._base = (queried, hit)
+        return self.rate
 
 
 @dataclass(eq=False)
@@ -52,6 +79,7 @@ class Instance:
     source: str = "static"  # static | admin | dns
     in_flight: int = 0
     engine: EngineLoad | None = None
+    hit_rate: HitRateWindow = field(default_factory=HitRateWindow)
     healthy: bool = False  # until the first active check passes
     draining: bool = False
     ready_models: frozenset[str] = frozenset()
@@ -87,6 +115,7 @@ class Instance:
                 "running": self.engine.running, "waiting": self.engine.waiting,
                 "kv_blocks_used": self.engine.kv_blocks_used,
                 "kv_blocks_total": self.engine.kv_blocks_total,
+                "prefix_cache_hit_rate": self.engine.prefix_cache_hit_rate,
             },
         }
 
@@ -233,7 +262,13 @@ class InstancePool:
                 *(asyncio.to_thread(scrape_engine_load, i.metrics_address) for i in scraped),
                 return_exceptions=True)
             for instance, result in zip(scraped, results, strict=True):
-                instance.engine = result if isinstance(result, EngineLoad) else None
+                if isinstance(result, tuple) and result[0] is not None:
+                    load, counters = result
+                    rate = instance.hit_rate.update(counters.get("queried"),
+                                                    counters.get("hit"))
+                    instance.engine = replace(load, prefix_cache_hit_rate=rate)
+                else:
+                    instance.engine = None
             await asyncio.sleep(self.config.load_poll_interval_s)
 
     async def _dns_loop(self, dns: DnsConfig) -> None:
@@ -263,30 +298,38 @@ class InstancePool:
                 self.drain(instance.name)
 
 
-def scrape_engine_load(address: str, timeout_s: float = 1.0) -> EngineLoad | None:
-    """Sum the engine gauges over every engine model of one instance's metrics page."""
+def scrape_engine_load(address: str, timeout_s: float = 1.0
+                       ) -> tuple[EngineLoad | None, dict[str, float]]:
+    """One instance's metrics page: `parse_engine_metrics`."""
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout_s) as response:
         text = response.read().decode()
-    return parse_engine_load(text)
+    return parse_engine_metrics(text)
 
 
 def parse_engine_load(text: str) -> EngineLoad | None:
-    totals: dict[str, float] = {}
+    return parse_engine_metrics(text)[0]
+
+
+def parse_engine_metrics(text: str) -> tuple[EngineLoad | None, dict[str, float]]:
+    """The engine gauges (None without any) and prefix-cache counters, each summed over every
+    engine model of the page."""
+    gauges: dict[str, float] = {}
+    counters: dict[str, float] = {}
     for line in text.splitlines():
         if not line.startswith("llm_engine_"):
             continue
         name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name not in ENGINE_GAUGES:
+        totals, names = ((gauges, ENGINE_GAUGES) if name in ENGINE_GAUGES
+                         else (counters, ENGINE_COUNTERS))
+        if name not in names:
             continue
         try:
             value = float(line.rsplit(" ", 1)[1])
         except (IndexError, ValueError):
             continue
-        key = ENGINE_GAUGES[name]
-        totals[key] = totals.get(key, 0.0) + value
-    if not totals:
-        return None
-    return EngineLoad(**{key: int(value) for key, value in totals.items()})
+        totals[names[name]] = totals.get(names[name], 0.0) + value
+    load = EngineLoad(**{k: int(v) for k, v in gauges.items()}) if gauges else None
+    return load, counters
 
 
 def instance_configs(addresses: Iterable[str]) -> tuple[InstanceConfig, ...]:

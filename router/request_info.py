@@ -39,9 +39,11 @@ def parse_request(raw: bytes, metadata: Sequence[tuple[str, str | bytes]] = ()
 def route_request(request: service_pb2.ModelInferRequest,
                   metadata: Sequence[tuple[str, str | bytes]] = ()) -> RouteRequest:
     headers = {key: value for key, value in metadata if key.startswith("x-")}
+    prompt, in_tokens = prompt_and_unit(request)
     return RouteRequest(
         model=request.model_name,
-        prompt=prompt_key(request),
+        prompt=prompt,
+        prompt_in_tokens=in_tokens,
         session_id=_session_id(request, headers),
         priority=_priority(request, headers),
     )
@@ -50,6 +52,12 @@ def route_request(request: service_pb2.ModelInferRequest,
 def prompt_key(request: service_pb2.ModelInferRequest,
                max_chars: int = MAX_PROMPT_CHARS) -> str:
     """The prompt's first characters, or its first token ids as a `token_key`."""
+    return prompt_and_unit(request, max_chars)[0]
+
+
+def prompt_and_unit(request: service_pb2.ModelInferRequest,
+                    max_chars: int = MAX_PROMPT_CHARS) -> tuple[str, bool]:
+    """`prompt_key`, and whether it counts tokens (True) or characters."""
     for name in PROMPT_INPUTS:
         index = _input_index(request, name)
         if index is None:
@@ -58,9 +66,10 @@ def prompt_key(request: service_pb2.ModelInferRequest,
         raw = (request.raw_input_contents[index]
                if index < len(request.raw_input_contents) else None)
         if name == "input_ids":
-            return token_key(v for v in _int_values(tensor, raw, max_chars) if 0 <= v < 0x110000)
-        return _first_string(tensor, raw, max_chars)
-    return ""
+            values = _int_values(tensor, raw, max_chars)
+            return token_key(v for v in values if 0 <= v < 0x110000), True
+        return _first_string(tensor, raw, max_chars), False
+    return "", False
 
 
 def _input_index(request: service_pb2.ModelInferRequest, name: str) -> int | None:

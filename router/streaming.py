@@ -30,7 +30,7 @@ from router.admission import AdmissionError
 from router.instances import Instance
 from router.policies.base import RouteRequest
 from router.request_info import BadRequest, route_request
-from router.wire import TRANSPORT_FAILURES, forward_metadata
+from router.wire import TRANSPORT_FAILURES, ExecuteBatchError, forward_metadata
 
 if TYPE_CHECKING:
     from router.server import Router
@@ -232,8 +232,10 @@ class StreamSession:
     # -- writing to the client ------------------------------------------------------------
     async def _write(self, raw: bytes) -> None:
         async with self.write_lock:
+            # A client that went away fails the write; what it still had pending is settled
+            # by the teardown, so the write is simply dropped.
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError,
-                                     RuntimeError):
+                                     RuntimeError, ExecuteBatchError):
                 await self.context.write(raw)
 
     async def _write_error(self, request_id: str, model: str, message: str) -> None:

@@ -6,6 +6,12 @@ from collections.abc import Sequence
 
 import grpc
 
+try:  # what grpc.aio raises when writing to a client connection that is gone
+    from grpc._cython.cygrpc import ExecuteBatchError
+except ImportError:  # pragma: no cover - a grpcio without it raises the errors below
+    class ExecuteBatchError(Exception):  # type: ignore[no-redef]
+        """Never raised: stands in for grpcio's private class."""
+
 # Failures of the instance or of the path to it: they count towards ejection and may be
 # retried on another instance (before any response reached the client).
 TRANSPORT_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE})

@@ -223,9 +223,10 @@ def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
     return samples
 
 
-def engine_counters(server: TritonServer) -> dict[str, float]:
-    """The engine's counters on one instance (absent ones, never updated yet, are 0)."""
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+def engine_counters(metrics_address: str) -> dict[str, float]:
+    """The engine's counters on one instance, by its metrics "host:port" (absent ones, never
+    updated yet, are 0)."""
+    url = f"http://{metrics_address}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
     values = dict.fromkeys(ENGINE_COUNTERS, 0.0)
@@ -334,7 +335,7 @@ class Fleet:
             check_server(server.process, during)
 
     def counters(self) -> list[dict[str, float]]:
-        return [engine_counters(s) for s in self.servers]
+        return [engine_counters(f"127.0.0.1:{s.metrics_port}") for s in self.servers]
 
     def warm(self, output_tokens: int = 4) -> float:
         """One short request straight to each instance (not through the router), together."""
@@ -481,6 +482,15 @@ def run_session_worker(url: str, work: queue.Queue, records: list[dict], sizes: 
 
 def run_multi_turn(url: str, sessions: list[Session], sizes: Sizes, timeout_s: float,
                    fleet: Fleet) -> dict[str, Any]:
+    return summarize_turns(*drive_sessions(url, sessions, sizes, timeout_s, fleet))
+
+
+def drive_sessions(url: str, sessions: list[Session], sizes: Sizes, timeout_s: float,
+                   fleet: Fleet, session_worker=None) -> tuple[list[dict], float]:
+    """Run every session (sizes.session_concurrency at a time); one record per turn and the
+    wall time. `fleet.check(what)` raises if the servers died meanwhile. `session_worker`
+    (default `run_session_worker`, the `llm` text protocol) runs on each thread."""
+    session_worker = session_worker or run_session_worker
     work: queue.Queue = queue.Queue()
     for session in sessions:
         work.put(session)
@@ -491,7 +501,7 @@ def run_multi_turn(url: str, sessions: list[Session], sizes: Sizes, timeout_s: f
 
     def worker() -> None:
         try:
-            run_session_worker(url, work, records, sizes, stop, deadline)
+            session_worker(url, work, records, sizes, stop, deadline)
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
             stop.set()
@@ -513,7 +523,7 @@ def run_multi_turn(url: str, sessions: list[Session], sizes: Sizes, timeout_s: f
     wall = time.perf_counter() - started
     if errors:
         raise BenchError(f"multi-turn generator: {errors[0]}")
-    return summarize_turns(records, wall)
+    return records, wall
 
 
 def _pcts(values: list[float]) -> dict[str, float | None]:

@@ -125,6 +125,14 @@ def test_config_errors_name_the_field(model_dir):
         EngineConfig.from_parameters({"max_num_seqs": "many"})
     cfg = EngineConfig.from_parameters({"model_dir": model_dir, "block_size": "", "x": "1"})
     assert cfg.block_size == 16
+    with pytest.raises(ConfigError, match="gpu_kv_cache_bytes"):
+        EngineConfig(gpu_kv_cache_bytes=-1)
+
+
+def test_gpu_kv_cache_bytes_comes_from_the_environment(model_dir, monkeypatch):
+    # serve sets this for instances sharing a GPU; on the CPU the engine ignores it.
+    monkeypatch.setenv("LLM_ENGINE_GPU_KV_CACHE_BYTES", str(3 << 30))
+    assert EngineConfig.from_parameters({"model_dir": model_dir}).gpu_kv_cache_bytes == 3 << 30
 
 
 def test_prefix_caching_gives_identical_tokens_and_reports_cached(model_dir, reference, tokenizer):

@@ -8,7 +8,13 @@ from router_helpers import ready_instance, run
 from tritonclient.grpc import service_pb2
 
 from router.config import ConfigError, DnsConfig, InstanceConfig, RouterConfig
-from router.instances import InstancePool, instance_configs, parse_engine_load
+from router.instances import (
+    HitRateWindow,
+    InstancePool,
+    instance_configs,
+    parse_engine_load,
+    parse_engine_metrics,
+)
 from router.policies.base import EngineLoad
 
 METRICS_PAGE = """\
@@ -63,6 +69,30 @@ def test_parse_engine_load_without_engine_gauges_is_none(page):
 def test_parse_engine_load_skips_malformed_values():
     page = 'llm_engine_requests_running{model="engine"} NaNish\nllm_engine_requests_waiting 2\n'
     assert parse_engine_load(page) == EngineLoad(waiting=2)
+
+
+def test_parse_engine_metrics_sums_the_prefix_cache_counters():
+    page = METRICS_PAGE + (
+        'llm_engine_prefix_cache_queried_tokens_total{model="engine",version="1"} 1000\n'
+        'llm_engine_prefix_cache_queried_tokens_total{model="engine_small",version="1"} 24\n'
+        'llm_engine_prefix_cache_hit_tokens_total{model="engine",version="1"} 640\n')
+    load, counters = parse_engine_metrics(page)
+    assert load == parse_engine_load(METRICS_PAGE)
+    assert counters == {"queried": 1024.0, "hit": 640.0}
+
+
+def test_hit_rate_window_uses_counter_increases_not_lifetime_totals():
+    window = HitRateWindow(min_queried=100)
+    assert window.update(5000, 0) is None  # first sample: nothing to compare with yet
+    assert window.update(5050, 50) is None  # too few new lookups to judge
+    assert window.update(5200, 180) == pytest.approx(0.9)  # 180 of the last 200
+    # The lifetime ratio (180 / 5200) would say the cache is cold; it is not.
+    assert window.update(5250, 180) == pytest.approx(0.9)  # kept until enough new lookups
+    assert window.update(5400, 180) == pytest.approx(0.0)
+    # A restarted engine starts its counters again: a new base, the last rate kept.
+    assert window.update(10, 10) == pytest.approx(0.0)
+    assert window.update(210, 160) == pytest.approx(0.75)
+    assert window.update(None, None) == pytest.approx(0.75)
 
 
 # -- DNS discovery ---------------------------------------------------------------------------

@@ -259,6 +259,21 @@ def test_sticky_reassigns_when_the_instance_disappears():
     assert route(policy, "", instances, "u") == Decision("i0", "assigned")
 
 
+def test_sticky_spreads_new_sessions_evenly_when_loads_tie():
+    # Sessions that arrive while every instance looks equally busy (idle here) split evenly,
+    # and the split stays even as sessions are forgotten, move or lose their instance.
+    policy = Sticky(max_sessions=8)
+    instances = fleet(0, 0, 0)
+    placed = Counter(route(policy, "", instances, f"s{k}").instance for k in range(6))
+    assert placed == {"i0": 2, "i1": 2, "i2": 2}
+    policy.remove_instance("i0")
+    moved = Counter(route(policy, "", instances[1:], f"s{k}").instance for k in range(6))
+    assert moved == {"i1": 3, "i2": 3}
+    # In-flight load still comes first: a busy instance gets no new session.
+    instances[2].in_flight = 5
+    assert route(policy, "", instances, "new").instance in {"i0", "i1"}
+
+
 def test_sticky_session_table_is_lru_bounded():
     policy = Sticky(max_sessions=2)
     instances = fleet(0, 0, 0)
@@ -370,6 +385,23 @@ def test_kv_aware_discounts_claims_of_an_evicting_engine():
     policy.tree.insert(PYTHON, "i0")
     decision = route(policy, PYTHON_MORE, instances)
     assert decision.reason == "cache_miss" and decision.estimated_cache_hit == 0.0
+
+
+def test_kv_aware_counts_text_prompts_in_tokens_like_the_engine_blocks():
+    # i0 holds the whole prompt but 30 KV blocks of other work; i1 is idle. Worth moving
+    # only if the prompt's prefill costs more than 30 blocks of 16 tokens.
+    def choose(prompt: RouteRequest) -> str:
+        policy = KvAware(chars_per_token=4.0)
+        instances = fleet(0, 0)
+        instances[0].engine = EngineLoad(running=3, kv_blocks_used=30, kv_blocks_total=1000)
+        instances[1].engine = EngineLoad(kv_blocks_total=1000)
+        policy.tree.insert(prompt.prompt, "i0")
+        return policy.select(prompt, instances).instance
+
+    text = "abcdefgh" * 80  # 640 characters: ~160 tokens, 10 blocks; cheaper to redo on i1
+    assert choose(RouteRequest("llm", text)) == "i1"
+    tokens = token_key(range(1000, 1640))  # 640 tokens: 40 blocks; the cache on i0 wins
+    assert choose(RouteRequest("llm", tokens, prompt_in_tokens=True)) == "i0"
 
 
 def test_kv_aware_temperature_samples_towards_the_cheapest():

@@ -132,6 +132,8 @@ def test_prompt_from_raw_input_ids(datatype):
     ids = [101, 7592, 2088, 100_000]
     request = client_request(raw_input("input_ids", ids, datatype))
     assert prompt_key(request) == token_key(ids)
+    assert route(request).prompt_in_tokens  # kv_aware counts its blocks in tokens
+    assert not route(client_request(text("text_input", "t"))).prompt_in_tokens
 
 
 @pytest.mark.parametrize("datatype", ["INT32", "INT64"])

@@ -24,6 +24,9 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_bytes: int = 1 << 30  # KV-cache budget on the CPU
     gpu_memory_utilization: float = 0.85  # share of free GPU memory for the KV cache
+    # KV-cache bytes on the GPU; 0: gpu_memory_utilization x free memory. Set it when several
+    # instances share one GPU: each measuring "free" memory at start-up would race.
+    gpu_kv_cache_bytes: int = 0
     max_num_seqs: int = 64  # sequences decoded together (the running batch)
     max_num_batched_tokens: int = 0  # tokens per step; 0: max_model_len (2048 if chunked)
     max_model_len: int = 0  # prompt + output tokens; 0: the model's own limit
@@ -41,7 +44,8 @@ class EngineConfig:
         for name in ("block_size", "kv_cache_bytes", "max_num_seqs"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_num_batched_tokens", "max_model_len", "num_threads"):
+        for name in ("max_num_batched_tokens", "max_model_len", "num_threads",
+                     "gpu_kv_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -116,7 +116,9 @@ class ModelRunner:
         return per_token * self.block_size
 
     def _num_kv_blocks(self) -> int:
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.config.gpu_kv_cache_bytes:
+            budget = self.config.gpu_kv_cache_bytes
+        elif self.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(self.device)
             budget = int(free * self.config.gpu_memory_utilization)
         else:

@@ -1,10 +1,14 @@
 """Run the local serving stack in the foreground until Ctrl-C.
 
-The stack: N `tritonserver` processes serving model_repository/ (2 by default) and the router
-in front of them on the usual Triton ports, gRPC 8001 and metrics 8002, so Triton clients,
-perf_analyzer and GenAI-Perf work unchanged. The router does not speak HTTP yet: HTTP 8000 is
-instance #0's own HTTP endpoint (not routed). With --no-router, a single instance serves on
-8000/8001/8002 itself.
+The stack: N `tritonserver` processes serving model_repository/ and the router in front of
+them on the usual Triton ports, gRPC 8001 and metrics 8002, so Triton clients, perf_analyzer
+and GenAI-Perf work unchanged. The router does not speak HTTP yet: HTTP 8000 is instance #0's
+own HTTP endpoint (not routed). With --no-router, a single instance serves on 8000/8001/8002
+itself.
+
+On a GPU host every visible GPU gets one instance (CUDA graphs, bf16); --instances M > GPUs
+puts several instances on each GPU, each with an even share of its memory. Without GPUs,
+2 instances run on the CPU.
 """
 
 from __future__ import annotations
@@ -14,9 +18,19 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from python_backends.paths import CACHE_DIR, MODEL_REPOSITORY, REPO_ROOT, default_model_dir
+from python_backends.tools.gpus import (
+    DEFAULT_MEMORY_FRACTION,
+    DEFAULT_RESERVE_BYTES,
+    GIB,
+    Placement,
+    plan_placements,
+    visible_gpus,
+    weight_bytes,
+)
 from python_backends.tools.router_process import RouterProcess
 from python_backends.tools.triton_server import TritonServer, free_port
 
@@ -42,7 +56,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
     parser.add_argument("--metrics-port", type=int, default=8002, help="metrics (default 8002)")
     parser.add_argument("--instances", type=int,
-                        help="tritonserver processes behind the router (default 2)")
+                        help="tritonserver processes behind the router (default: one per "
+                             "GPU, 2 without GPUs); more than the GPUs share them")
+    parser.add_argument("--gpus", default="auto",
+                        help="GPUs to use: auto (every visible one, default), 0 (CPU only) "
+                             "or a count N (the first N visible)")
+    parser.add_argument("--gpu-memory-fraction", type=float, default=DEFAULT_MEMORY_FRACTION,
+                        help="share of each GPU's memory for the instances on it together "
+                             "(weights + KV cache; default %(default)s)")
+    parser.add_argument("--gpu-reserve-gb", type=float, default=DEFAULT_RESERVE_BYTES / GIB,
+                        help="GiB each GPU instance keeps for its CUDA context, activations "
+                             "and CUDA graphs (default %(default)s)")
+    parser.add_argument("--gpu-kv-cache-gb", type=float,
+                        help="KV cache per GPU instance, GiB (default: what its memory share "
+                             "leaves after weights and reserve)")
+    parser.add_argument("--model-dir", type=Path,
+                        help="weights + tokenizer (safetensors, Llama architecture) to serve; "
+                             "default: the project's SmolLM2-135M-Instruct")
     parser.add_argument("--no-router", action="store_true",
                         help="no router: one tritonserver on the usual ports")
     parser.add_argument("--policy", default="hybrid",
@@ -50,6 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "`python -m router --help`)")
     parser.add_argument("--router-config", type=Path,
                         help="a router TOML config file (see router/config.py)")
+    parser.add_argument("--triton-arg", dest="triton_args", action="append", default=[],
+                        help="extra tritonserver argument for every instance (repeat), e.g. "
+                             "--triton-arg=--pinned-memory-pool-byte-size=0")
     parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY)
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                         help="comma-separated models to load (default: %(default)s)")
@@ -60,12 +93,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def select_gpus(spec: str):
+    gpus = visible_gpus()
+    if spec == "auto":
+        return gpus
+    if not spec.isdigit():
+        raise ValueError(f"--gpus takes auto, 0 or a count, got {spec!r}")
+    if int(spec) > len(gpus):
+        raise ValueError(f"--gpus {spec}: only {len(gpus)} GPU(s) visible")
+    return gpus[:int(spec)]
+
+
+def plan(args: argparse.Namespace) -> list[Placement]:
+    """Where each instance runs (validates --gpus, --instances and the memory split)."""
+    gpus = select_gpus(args.gpus)
+    if args.instances is None:
+        args.instances = 1 if args.no_router else (len(gpus) or 2)
+    if args.instances < 1:
+        raise ValueError("--instances must be at least 1")
+    model_dir = args.model_dir or default_model_dir()
+    placements = plan_placements(gpus, args.instances, weight_bytes(model_dir) if gpus else 0,
+                                 args.gpu_memory_fraction, int(args.gpu_reserve_gb * GIB))
+    if args.gpu_kv_cache_gb is not None and gpus:
+        wanted = int(args.gpu_kv_cache_gb * GIB)
+        if wanted <= 0 or any(wanted > p.kv_cache_bytes for p in placements):
+            raise ValueError(f"--gpu-kv-cache-gb {args.gpu_kv_cache_gb} must be positive and at "
+                             f"most what each instance's memory share leaves "
+                             f"({min(p.kv_cache_bytes for p in placements) / GIB:.1f} GiB)")
+        placements = [replace(p, kv_cache_bytes=wanted) for p in placements]
+    return placements
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.instances is None:
-        args.instances = 1 if args.no_router else 2
-    if args.instances < 1:
-        print("error: --instances must be at least 1", file=sys.stderr)
+    if args.model_dir is not None and not (args.model_dir / "config.json").exists():
+        print(f"error: --model-dir {args.model_dir} has no config.json", file=sys.stderr)
+        return 2
+    try:
+        placements = plan(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.no_router and args.instances > 1:
         print("error: --no-router serves one instance; drop --instances", file=sys.stderr)
@@ -78,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     args.log_dir.mkdir(parents=True, exist_ok=True)
     models = [m for m in args.models.split(",") if m]
+    model_env = {"LLM_MODEL_DIR": str(args.model_dir.resolve())} if args.model_dir else {}
+    if args.gpus == "0":
+        model_env["CUDA_VISIBLE_DEVICES"] = ""  # the engine's device "auto" then means CPU
     servers = []
-    for i in range(args.instances):
+    for i, placement in enumerate(placements):
         if i == 0 and args.no_router:
             ports = (args.http_port, args.grpc_port, args.metrics_port)
         else:
@@ -87,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         servers.append(TritonServer(
             model_repository=args.model_repository, http_port=ports[0], grpc_port=ports[1],
             metrics_port=ports[2], models=models, log_path=args.log_dir / f"triton-{i}.log",
+            env={**model_env, **placement.env()}, extra_args=args.triton_args,
         ))
     router = None if args.no_router else RouterProcess(
         instances=[f"{s.grpc_url},127.0.0.1:{s.metrics_port}" for s in servers],
@@ -108,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     try:
         for i, server in enumerate(servers):
-            print(f"starting tritonserver #{i} (log: {server.log_path}) ...", flush=True)
+            print(f"starting tritonserver #{i} on {placements[i].describe()} "
+                  f"(log: {server.log_path}) ...", flush=True)
             server.start()
         started = time.monotonic()
         for i, server in enumerate(servers):

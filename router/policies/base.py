@@ -58,6 +58,7 @@ class RouteRequest:
     prompt: str = ""
     session_id: str | None = None
     priority: int = PRIORITY_NORMAL
+    prompt_in_tokens: bool = False  # `prompt` is a token_key (else text: characters)
 
 
 @dataclass(frozen=True, slots=True)

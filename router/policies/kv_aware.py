@@ -6,9 +6,9 @@ For each candidate (prefix holders plus a bounded sample):
     cost = overlap_weight * prefill_blocks + load_blocks
     prefill_blocks = (prompt length - cached length) / block_size
 
-Prompt length is in characters for text keys and in tokens for token keys, so `block_size`
-is in the same unit and costs are only comparable within one request: they rank
-candidates, they mean nothing in absolute terms.
+Both terms count the engine's KV blocks of `block_size` tokens. Token-id prompts are
+measured exactly; text prompts (the tree holds characters) at `chars_per_token` characters
+a token, so a text prefill is not weighed ~4x heavier than the blocks the engine reports.
 
 `cached length` is the radix tree's match for that instance, discounted by what its engine
 reports (the tree records routing, not the engine's cache):
@@ -35,7 +35,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from router.policies.base import Decision, EngineLoad, InstanceView
+from router.policies.base import Decision, EngineLoad, InstanceView, RouteRequest
 from router.policies.options import option
 from router.policies.tree_policy import TreeConfig, TreePolicy
 
@@ -48,8 +48,10 @@ _EVICTING_KV_USAGE = 0.9
 @dataclass(frozen=True)
 class KvAwareConfig(TreeConfig):
     overlap_weight: float = option(1.0, low=0.0)
-    # Characters (text keys) or tokens (token keys) per KV block.
+    # Tokens per KV block: the engine's block_size.
     block_size: int = option(16, low=1)
+    # Characters per token of text prompts (about 4 for English with BPE vocabularies).
+    chars_per_token: float = option(4.0, low=0.1)
     # Blocks charged per queued request, in units of a running request's average.
     waiting_weight: float = option(1.0, low=0.0)
     temperature: float = option(0.0, low=0.0)
@@ -73,20 +75,28 @@ class KvAware(TreePolicy):
     name = "kv_aware"
     config_class = KvAwareConfig
     config: KvAwareConfig
+    _units_per_block: float = 16.0 * 4.0  # set by select() for each request
+
+    def prepare(self, request: RouteRequest) -> None:
+        # Key units (characters or tokens) per KV block, for this request's `decide`.
+        cfg = self.config
+        self._units_per_block = cfg.block_size * (
+            1.0 if request.prompt_in_tokens else cfg.chars_per_token)
 
     def decide(self, key: str, instances: Sequence[InstanceView]) -> Decision:
         cfg = self.config
-        prompt_blocks = len(key) / cfg.block_size
+        per_block = self._units_per_block
+        prompt_blocks = len(key) / per_block
         costs: list[tuple[float, float, InstanceView]] = []
         for instance, matched in self.candidates(key, instances):
             engine = instance.engine
             cached = matched * cache_trust(engine)
-            prefill = (len(key) - cached) / cfg.block_size
+            prefill = (len(key) - cached) / per_block
             costs.append((cfg.overlap_weight * prefill
                           + self._load_blocks(instance.in_flight, engine, prompt_blocks),
                           cached, instance))
         _, cached, chosen = self._choose(costs)
-        reason = "cache_hit" if cached >= cfg.block_size else "cache_miss"
+        reason = "cache_hit" if cached >= per_block else "cache_miss"
         return Decision(chosen.name, reason, cached / len(key) if key else 0.0)
 
     def _load_blocks(self, in_flight: int, engine: EngineLoad | None,

@@ -54,7 +54,11 @@ class TreePolicy(ConfiguredPolicy):
     def select(self, request: RouteRequest, instances: Sequence[InstanceView]) -> Decision:
         key = self.key(request)
         with self.lock:
+            self.prepare(request)
             return self.route(key, instances)
+
+    def prepare(self, request: RouteRequest) -> None:
+        """Take what `decide` needs of the request besides its key (under the lock)."""
 
     def route(self, key: str, instances: Sequence[InstanceView]) -> Decision:
         decision = self.decide(key, instances)

@@ -84,6 +84,9 @@ class TritonPythonModel:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         threading.Thread(target=self._watch_cancellation, name="llm-cancel", daemon=True).start()
+        # The stub's C++ side reads numpy arrays with numpy 1's layout: with numpy 2 every
+        # BYTES input arrives corrupted. Say which numpy this process got.
+        pb_utils.Logger.log_info(f"llm ready: numpy {np.__version__} ({np.__file__})")
 
     def execute(self, requests):
         for request in requests:
