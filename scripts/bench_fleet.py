@@ -58,11 +58,13 @@ from bench_engine import BenchError, display_path, machine_facts, percentile  # 
 from bench_router_quality import (  # noqa: E402
     ALL_POLICIES,
     Session,
+    await_turn,
     drive_sessions,
     engine_counters,
     engine_delta,
     load_words,
     router_summary,
+    streaming_client,
     synthetic_texts,
 )
 
@@ -207,20 +209,14 @@ def run_token_session_worker(url: str, work: Any, records: list[dict], sizes: Ge
                              stop: Any, deadline: float) -> None:
     """`run_session_worker` for the `engine` model (TensorRT-LLM contract): the client
     tokenizes, the history is kept as token ids (the answer's ids appended as generated)."""
-    import queue as queue_module
-
-    import tritonclient.grpc as grpcclient
+    import queue
 
     ids_of = sizes.token_ids
-    responses: queue_module.Queue = queue_module.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: responses.put(
-        (time.perf_counter(), result, error)))
-    try:
+    with streaming_client(url) as (client, responses):
         while not stop.is_set():
             try:
                 session = work.get_nowait()
-            except queue_module.Empty:
+            except queue.Empty:
                 return
             history = ids_of[session.system]
             for turn, message in enumerate(session.user_messages, start=1):
@@ -231,28 +227,18 @@ def run_token_session_worker(url: str, work: Any, records: list[dict], sizes: Ge
                     request_id=f"{session.session_id}-{turn}",
                     parameters={"session_id": session.session_id},
                     enable_empty_final_response=True)
+                got = await_turn(responses, stop, deadline, f"{session.session_id} turn {turn}")
+                if got is None:
+                    return
+                done = time.perf_counter()
                 first, answer, cached = None, [], None
-                while True:
-                    if stop.is_set():
-                        return
-                    if time.perf_counter() > deadline:
-                        raise BenchError("the run passed its time limit")
-                    try:
-                        at, result, error = responses.get(timeout=0.5)
-                    except queue_module.Empty:
-                        continue
-                    if error is not None:
-                        raise BenchError(f"{session.session_id} turn {turn}: {error}")
+                for at, result in got:
                     ids = result.as_numpy("output_ids")
                     if ids is not None and ids.size:
                         first = first or at
                         answer.extend(int(t) for t in ids.reshape(-1))
                     if result.as_numpy("num_cached_tokens") is not None:
                         cached = int(result.as_numpy("num_cached_tokens").reshape(-1)[0])
-                    final = result.get_response().parameters.get("triton_final_response")
-                    if final is None or final.bool_param:
-                        break
-                done = time.perf_counter()
                 records.append({
                     "session": session.session_id, "turn": turn,
                     "ttft_s": (first or done) - sent, "latency_s": done - sent,
@@ -260,9 +246,6 @@ def run_token_session_worker(url: str, work: Any, records: list[dict], sizes: Ge
                     "cached_tokens": cached, "prompt_chars": None,
                 })
                 history = prompt + answer
-    finally:
-        client.stop_stream(cancel_requests=True)
-        client.close()
 
 
 # ----------------------------------------------------------------------------- model

@@ -47,6 +47,7 @@ Ctrl-C (or SIGTERM) stops GenAI-Perf, the router and every server cleanly; no re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -418,9 +419,10 @@ def _scalar(result: Any, name: str) -> int | None:
     return None if value is None or value.size == 0 else int(value.reshape(-1)[0])
 
 
-def run_session_worker(url: str, work: queue.Queue, records: list[dict], sizes: Sizes,
-                       stop: threading.Event, deadline: float) -> None:
-    """Take sessions off `work` until it is empty; run each one's turns in order."""
+@contextlib.contextmanager
+def streaming_client(url: str):
+    """A tritonclient gRPC stream whose responses land, time-stamped, in a queue:
+    yields (client, queue of (time, result, error)); cancels what is left on exit."""
     import tritonclient.grpc as grpcclient
 
     responses: queue.Queue = queue.Queue()
@@ -428,6 +430,37 @@ def run_session_worker(url: str, work: queue.Queue, records: list[dict], sizes: 
     client.start_stream(callback=lambda result, error: responses.put(
         (time.perf_counter(), result, error)))
     try:
+        yield client, responses
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+
+
+def await_turn(responses: queue.Queue, stop: threading.Event, deadline: float,
+               label: str) -> list[tuple[float, Any]] | None:
+    """Every (time, result) of the request just sent, up to its final response; None when
+    `stop` is set meanwhile."""
+    got = []
+    while not stop.is_set():
+        if time.perf_counter() > deadline:
+            raise BenchError("the run passed its time limit")
+        try:
+            at, result, error = responses.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if error is not None:
+            raise BenchError(f"{label}: {error}")
+        got.append((at, result))
+        final = result.get_response().parameters.get("triton_final_response")
+        if final is None or final.bool_param:
+            return got
+    return None
+
+
+def run_session_worker(url: str, work: queue.Queue, records: list[dict], sizes: Sizes,
+                       stop: threading.Event, deadline: float) -> None:
+    """Take sessions off `work` until it is empty; run each one's turns in order."""
+    with streaming_client(url) as (client, responses):
         while not stop.is_set():
             try:
                 session = work.get_nowait()
@@ -442,42 +475,27 @@ def run_session_worker(url: str, work: queue.Queue, records: list[dict], sizes: 
                     request_id=f"{session.session_id}-{turn}",
                     parameters={"session_id": session.session_id},
                     enable_empty_final_response=True)
-                first = None
-                pieces: list[str] = []
-                while True:
-                    if stop.is_set():
-                        return
-                    if time.perf_counter() > deadline:
-                        raise BenchError("the multi-turn run passed its time limit")
-                    try:
-                        at, result, error = responses.get(timeout=0.5)
-                    except queue.Empty:
-                        continue
-                    if error is not None:
-                        raise BenchError(f"{session.session_id} turn {turn}: {error}")
+                got = await_turn(responses, stop, deadline, f"{session.session_id} turn {turn}")
+                if got is None:
+                    return
+                done = time.perf_counter()
+                first, pieces = None, []
+                for at, result in got:
                     text = result.as_numpy("text_output")
                     if text is not None and text.size:
-                        if first is None:
-                            first = at
+                        first = first or at
                         pieces.extend(t.decode("utf-8", "replace") if isinstance(t, bytes)
                                       else str(t) for t in text.reshape(-1))
-                    final = result.get_response().parameters.get("triton_final_response")
-                    if final is None or final.bool_param:
-                        break
-                done = time.perf_counter()
-                answer = "".join(pieces)
+                last = got[-1][1]
                 records.append({
                     "session": session.session_id, "turn": turn,
                     "ttft_s": (first or done) - sent, "latency_s": done - sent,
-                    "input_tokens": _scalar(result, "num_input_tokens"),
-                    "output_tokens": _scalar(result, "num_output_tokens"),
-                    "cached_tokens": _scalar(result, "num_cached_tokens"),
+                    "input_tokens": _scalar(last, "num_input_tokens"),
+                    "output_tokens": _scalar(last, "num_output_tokens"),
+                    "cached_tokens": _scalar(last, "num_cached_tokens"),
                     "prompt_chars": len(prompt),
                 })
-                history = prompt + answer
-    finally:
-        client.stop_stream(cancel_requests=True)
-        client.close()
+                history = prompt + "".join(pieces)
 
 
 def run_multi_turn(url: str, sessions: list[Session], sizes: Sizes, timeout_s: float,
