@@ -105,6 +105,15 @@ class Instance:
     def accepts(self, model: str) -> bool:
         return self.healthy and not self.draining and model in self.ready_models
 
+    def take_engine_report(self, report: object) -> None:
+        """A scrape's result: (load, counters), or an exception (the engine is unknown)."""
+        if isinstance(report, tuple) and report[0] is not None:
+            load, counters = report
+            rate = self.hit_rate.update(counters.get("queried"), counters.get("hit"))
+            self.engine = replace(load, prefix_cache_hit_rate=rate)
+        else:
+            self.engine = None
+
     def describe(self) -> dict:
         return {
             "address": self.name, "metrics": self.metrics_address, "source": self.source,
@@ -262,13 +271,7 @@ class InstancePool:
                 *(asyncio.to_thread(scrape_engine_load, i.metrics_address) for i in scraped),
                 return_exceptions=True)
             for instance, result in zip(scraped, results, strict=True):
-                if isinstance(result, tuple) and result[0] is not None:
-                    load, counters = result
-                    rate = instance.hit_rate.update(counters.get("queried"),
-                                                    counters.get("hit"))
-                    instance.engine = replace(load, prefix_cache_hit_rate=rate)
-                else:
-                    instance.engine = None
+                instance.take_engine_report(result)
             await asyncio.sleep(self.config.load_poll_interval_s)
 
     async def _dns_loop(self, dns: DnsConfig) -> None:

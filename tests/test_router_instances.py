@@ -95,6 +95,20 @@ def test_hit_rate_window_uses_counter_increases_not_lifetime_totals():
     assert window.update(None, None) == pytest.approx(0.75)
 
 
+def test_instance_takes_engine_reports_with_a_recent_hit_rate():
+    instance = ready_instance("i0")
+    load = EngineLoad(running=2, kv_blocks_used=20, kv_blocks_total=100)
+    instance.take_engine_report((load, {"queried": 10_000.0, "hit": 9_000.0}))
+    assert instance.engine == load  # no rate until a second sample shows new lookups
+    instance.take_engine_report((load, {"queried": 10_400.0, "hit": 9_100.0}))
+    assert instance.engine.prefix_cache_hit_rate == pytest.approx(0.25)
+    assert instance.describe()["engine"]["prefix_cache_hit_rate"] == pytest.approx(0.25)
+    instance.take_engine_report(OSError("connection refused"))
+    assert instance.engine is None
+    instance.take_engine_report((None, {}))  # a page without engine gauges
+    assert instance.engine is None
+
+
 # -- DNS discovery ---------------------------------------------------------------------------
 
 def test_reconcile_dns_adds_drains_and_leaves_static_instances_alone():
