@@ -293,7 +293,8 @@ class Stack:
         self.command = [
             sys.executable, "-m", "python_backends.tools.serve",
             "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
-            "--http-port", str(self.http_port), "--models", "engine,llm",
+            "--http-port", str(self.http_port),
+            "--models", "engine" if args.model == "engine" else "engine,llm",
             "--log-dir", str(log_dir), "--policy", "round_robin",
             "--ready-timeout", str(args.ready_timeout), *args.serve_args]
         if args.instances:
