@@ -391,7 +391,7 @@ def test_kv_aware_counts_text_prompts_in_tokens_like_the_engine_blocks():
     # i0 holds the whole prompt but 30 KV blocks of other work; i1 is idle. Worth moving
     # only if the prompt's prefill costs more than 30 blocks of 16 tokens.
     def choose(prompt: RouteRequest) -> str:
-        policy = KvAware(chars_per_token=4.0)
+        policy = KvAware(chars_per_token=4.0, overlap_weight=1.0)
         instances = fleet(0, 0)
         instances[0].engine = EngineLoad(running=3, kv_blocks_used=30, kv_blocks_total=1000)
         instances[1].engine = EngineLoad(kv_blocks_total=1000)
