@@ -71,7 +71,7 @@ from bench_router_quality import (  # noqa: E402
 from python_backends.paths import CACHE_DIR, REPO_ROOT, default_model_dir  # noqa: E402
 from python_backends.tools.gpus import visible_gpus  # noqa: E402
 from python_backends.tools.router_process import RouterProcess  # noqa: E402
-from python_backends.tools.triton_server import free_port  # noqa: E402
+from python_backends.tools.triton_server import distinct_ports, free_port  # noqa: E402
 
 DEFAULT_OUT_DIR = REPO_ROOT / "docs" / "benchmarks"
 WORKLOADS = ("multi_tenant", "multi_turn")
@@ -289,7 +289,8 @@ class Stack:
     """`serve.py` in a subprocess (its own process group); the instances it started."""
 
     def __init__(self, args: argparse.Namespace, log_dir: Path, attempt: int = 0) -> None:
-        self.grpc_port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
+        self.grpc_port, self.metrics_port, self.http_port = distinct_ports(
+            free_port(), free_port(), free_port())
         self.command = [
             sys.executable, "-m", "python_backends.tools.serve",
             "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),

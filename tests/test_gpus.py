@@ -122,3 +122,32 @@ def test_serve_kv_cache_override_and_its_bounds(monkeypatch):
         _plan(monkeypatch, [H100], "--gpus", "2")
     with pytest.raises(ValueError, match="--gpus takes"):
         _plan(monkeypatch, [H100], "--gpus", "many")
+
+
+def test_ports_handed_out_together_are_distinct(monkeypatch):
+    from python_backends.tools import triton_server
+
+    # The kernel may offer a just-released port again: the helpers must not hand it out twice.
+    offers = iter([5000, 5000, 5000, 5001, 5002])
+    monkeypatch.setattr(triton_server.socket, "socket", lambda: _FakeSocket(next(offers)))
+    assert triton_server.free_port(avoid={5000}) == 5001
+    assert triton_server.distinct_ports(7000, 7000, 7001) == (7000, 5002, 7001)
+
+
+class _FakeSocket:
+    """Stands in for the OS's ephemeral-port choice, which tests cannot steer."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def bind(self, address) -> None:
+        pass
+
+    def getsockname(self):
+        return ("127.0.0.1", self.port)

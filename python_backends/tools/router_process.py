@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from python_backends.paths import REPO_ROOT
-from python_backends.tools.triton_server import free_port
+from python_backends.tools.triton_server import distinct_ports, free_port
 
 
 @dataclass
@@ -27,6 +27,9 @@ class RouterProcess:
     host: str = "127.0.0.1"
     log_path: Path | None = None
     process: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        self.grpc_port, self.metrics_port = distinct_ports(self.grpc_port, self.metrics_port)
 
     @property
     def grpc_url(self) -> str:

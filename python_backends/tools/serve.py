@@ -149,11 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpus == "0":
         model_env["CUDA_VISIBLE_DEVICES"] = ""  # the engine's device "auto" then means CPU
     servers = []
+    # Every port handed out before anything binds it: the router's and each instance's.
+    taken = {args.http_port, args.grpc_port, args.metrics_port}
+
+    def fresh_port() -> int:
+        port = free_port(avoid=taken)
+        taken.add(port)
+        return port
+
     for i, placement in enumerate(placements):
         if i == 0 and args.no_router:
             ports = (args.http_port, args.grpc_port, args.metrics_port)
         else:
-            ports = (args.http_port if i == 0 else free_port(), free_port(), free_port())
+            ports = (args.http_port if i == 0 else fresh_port(), fresh_port(), fresh_port())
         servers.append(TritonServer(
             model_repository=args.model_repository, http_port=ports[0], grpc_port=ports[1],
             metrics_port=ports[2], models=models, log_path=args.log_dir / f"triton-{i}.log",

@@ -57,10 +57,16 @@ def prepare_backend_dir(backend_dir: Path = DEFAULT_BACKEND_DIR) -> Path:
     return backend_dir
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(avoid: set[int] | None = None) -> int:
+    """A port nothing listens on now, not in `avoid` (ports the caller has handed out but
+    that nothing has bound yet: the kernel may offer a just-released port again)."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if not avoid or port not in avoid:
+            return port
+    raise RuntimeError("no free port found outside the ones already handed out")
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -77,6 +83,19 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def distinct_ports(*ports: int) -> tuple[int, ...]:
+    """`ports`, with any repeat of an earlier one replaced by another free port (two
+    `free_port()` calls can return the same just-released port)."""
+    seen: set[int] = set()
+    out = []
+    for port in ports:
+        if port in seen:
+            port = free_port(avoid=seen)
+        seen.add(port)
+        out.append(port)
+    return tuple(out)
+
+
 @dataclass
 class TritonServer:
     """One tritonserver process; `start()` then `wait_ready()`, `stop()` when done."""
@@ -91,6 +110,10 @@ class TritonServer:
     log_path: Path | None = None
     exit_timeout_s: int = 5
     process: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        self.http_port, self.grpc_port, self.metrics_port = distinct_ports(
+            self.http_port, self.grpc_port, self.metrics_port)
 
     @property
     def grpc_url(self) -> str:

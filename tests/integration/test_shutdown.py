@@ -21,7 +21,7 @@ import pytest
 
 from python_backends.paths import REPO_ROOT
 from python_backends.text import encode_prompt
-from python_backends.tools.triton_server import free_port
+from python_backends.tools.triton_server import distinct_ports, free_port
 
 from .client import Stream, engine_inputs, ensemble_inputs, llm_inputs, wait_until
 
@@ -116,7 +116,7 @@ class Serve:
     """`python -m python_backends.tools.serve` on free ports, its output read on a thread."""
 
     def __init__(self, log_dir: Path, *args: str) -> None:
-        self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
+        self.http, self.grpc, self.metrics = distinct_ports(free_port(), free_port(), free_port())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "python_backends.tools.serve",
              "--http-port", str(self.http), "--grpc-port", str(self.grpc),
