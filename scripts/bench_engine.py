@@ -674,12 +674,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "SmolLM2-135M-Instruct)")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer folder for GenAI-Perf (default: --model-dir)")
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help=f"where engine.json and engine.md go (default "
-                             f"{display_path(DEFAULT_OUT_DIR)})")
-    parser.add_argument("--artifact-dir", type=Path, default=None,
-                        help="GenAI-Perf artifacts, its logs and the server log (default "
-                             ".cache/bench/engine-<time>)")
+    add_output_args(parser, "engine.json and engine.md",
+                    "GenAI-Perf artifacts, its logs and the server log", "engine")
     parser.add_argument("--skip-serving", action="store_true", help="only the generate() side")
     parser.add_argument("--skip-generate", action="store_true", help="only the serving side")
     parser.add_argument("--genai-perf-args", default="",
@@ -713,15 +709,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def add_output_args(parser: argparse.ArgumentParser, reports: str, artifacts: str,
+                    name: str) -> None:
+    """--out-dir and --artifact-dir, as every benchmark script takes them."""
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help=f"where {reports} go (default {display_path(DEFAULT_OUT_DIR)}; "
+                             f"with --quick the artifact directory's report/)")
+    parser.add_argument("--artifact-dir", type=Path, default=None,
+                        help=f"{artifacts} (default .cache/bench/{name}-<time>)")
+
+
+def run_dirs(args: argparse.Namespace, name: str) -> tuple[Path, Path]:
+    """(artifact directory, report directory) of this run; see `add_output_args`."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    artifact_dir = (args.artifact_dir or CACHE_DIR / "bench" / f"{name}-{stamp}").resolve()
+    out_dir = args.out_dir or (artifact_dir / "report" if args.quick else DEFAULT_OUT_DIR)
+    return artifact_dir, out_dir
+
+
 def _raise_interrupt(signum, _frame):
     raise KeyboardInterrupt
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM stops a benchmark as Ctrl-C does: everything started is stopped in order."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def interrupted() -> int:
+    print("\ninterrupted: stopping everything; no report written.", file=sys.stderr,
+          flush=True)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    artifact_dir = (args.artifact_dir or CACHE_DIR / "bench" / f"engine-{stamp}").resolve()
-    out_dir = args.out_dir or (artifact_dir / "report" if args.quick else DEFAULT_OUT_DIR)
+    artifact_dir, out_dir = run_dirs(args, "engine")
     if not (args.model_dir / "config.json").exists():
         print(f"error: no model in {args.model_dir} (run `make setup`)", file=sys.stderr)
         return 2
@@ -729,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {GENAI_PERF} is missing", file=sys.stderr)
         return 2
     artifact_dir.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    stop_on_sigterm()
     settings = {
         "quick": args.quick,
         "command": shlex.join(["scripts/bench_engine.py", *(argv if argv is not None
@@ -758,8 +781,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_generate:
             generate = bench_generate(args.model_dir, args.concurrency, args.generate_repeats)
     except KeyboardInterrupt:
-        print("\ninterrupted: stopped; no report written.", file=sys.stderr, flush=True)
-        return 130
+        return interrupted()
     except (BenchError, RuntimeError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

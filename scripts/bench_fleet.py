@@ -54,7 +54,16 @@ for _path in (_SCRIPTS, _SCRIPTS.parent):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from bench_engine import BenchError, display_path, machine_facts, percentile  # noqa: E402
+from bench_engine import (  # noqa: E402
+    BenchError,
+    add_output_args,
+    display_path,
+    interrupted,
+    machine_facts,
+    percentile,
+    run_dirs,
+    stop_on_sigterm,
+)
 from bench_router_quality import (  # noqa: E402
     ALL_POLICIES,
     Session,
@@ -73,7 +82,6 @@ from python_backends.tools.gpus import visible_gpus  # noqa: E402
 from python_backends.tools.router_process import RouterProcess  # noqa: E402
 from python_backends.tools.triton_server import distinct_ports, free_port  # noqa: E402
 
-DEFAULT_OUT_DIR = REPO_ROOT / "docs" / "benchmarks"
 WORKLOADS = ("multi_tenant", "multi_turn")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json")
@@ -505,12 +513,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--serve-arg", dest="serve_args", action="append", default=[],
                         help="extra argument for serve.py (repeat), e.g. "
                              "--serve-arg=--gpu-kv-cache-gb=1")
-    parser.add_argument("--out-dir", type=Path, help="where fleet.json/.md go (default "
-                                                     "docs/benchmarks)")
+    add_output_args(parser, "<report-name>.json/.md", "logs", "fleet")
     parser.add_argument("--report-name", default="fleet",
                         help="report file names: <out-dir>/<name>.json and .md (default fleet)")
-    parser.add_argument("--artifact-dir", type=Path,
-                        help="logs (default .cache/bench/fleet-<time>)")
     parser.add_argument("--run-timeout", type=float, default=900.0,
                         help="seconds one workload run may take (default 900)")
     parser.add_argument("--max-restarts", type=int, default=3,
@@ -538,10 +543,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupt(signum, _frame):
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes: Sizes = args.sizes
@@ -563,12 +564,10 @@ def main(argv: list[str] | None = None) -> int:
         args.save_workload.write_text(json.dumps(prompts))
         log(f"wrote {args.save_workload}")
         return 0
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    artifact_dir = (args.artifact_dir or CACHE_DIR / "bench" / f"fleet-{stamp}").resolve()
-    out_dir = args.out_dir or (artifact_dir / "report" if args.quick else DEFAULT_OUT_DIR)
+    artifact_dir, out_dir = run_dirs(args, "fleet")
     log_dir = artifact_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    stop_on_sigterm()
     gpus = visible_gpus()
     args.gpu_count = len(gpus)
     model_info: dict[str, Any] = {}
@@ -628,9 +627,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{_fmt(run['output_token_throughput'])} output tok/s, goodput "
                         f"{_fmt(run['goodput_rps'], '.2f')} req/s ({run['wall_s']:.0f} s)")
     except KeyboardInterrupt:
-        print("\ninterrupted: stopping everything; no report written.", file=sys.stderr,
-              flush=True)
-        return 130
+        return interrupted()
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

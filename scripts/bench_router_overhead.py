@@ -59,12 +59,11 @@ for _path in (REPO_ROOT, REPO_ROOT / "scripts"):
 
 import bench_engine as be  # noqa: E402  (GenAI-Perf helpers, machine facts, process control)
 
-from python_backends.paths import CACHE_DIR, TOOLS_DIR, default_model_dir  # noqa: E402
+from python_backends.paths import TOOLS_DIR, default_model_dir  # noqa: E402
 from python_backends.tools.router_process import RouterProcess  # noqa: E402
 from python_backends.tools.serve import DEFAULT_MODELS  # noqa: E402
 from python_backends.tools.triton_server import TritonServer, free_port  # noqa: E402
 
-DEFAULT_OUT_DIR = REPO_ROOT / "docs" / "benchmarks"
 TEST_MODEL_REPOSITORY = REPO_ROOT / "tests" / "model_repository"
 PERF_ANALYZER = TOOLS_DIR / "bin" / "perf_analyzer"
 PERF_ANALYZER_LIBS = TOOLS_DIR / "cudart" / "nvidia" / "cuda_runtime" / "lib"
@@ -1230,12 +1229,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer for GenAI-Perf (default: the project's "
                              "SmolLM2-135M-Instruct)")
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help=f"where router_overhead.json/.md go (default "
-                             f"{be.display_path(DEFAULT_OUT_DIR)})")
-    parser.add_argument("--artifact-dir", type=Path, default=None,
-                        help="logs, perf_analyzer CSVs, GenAI-Perf artifacts (default "
-                             ".cache/bench/router-overhead-<time>)")
+    be.add_output_args(parser, "router_overhead.json/.md",
+                       "logs, perf_analyzer CSVs, GenAI-Perf artifacts", "router-overhead")
     parser.add_argument("--run-timeout", type=float, default=300.0,
                         help="seconds one perf_analyzer run may take (default 300)")
     parser.add_argument("--genai-perf-timeout", type=float, default=900.0,
@@ -1258,16 +1253,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupt(signum, _frame):
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    artifact_dir = (args.artifact_dir or CACHE_DIR / "bench" / f"router-overhead-{stamp}")
-    artifact_dir = artifact_dir.resolve()
-    out_dir = args.out_dir or (artifact_dir / "report" if args.quick else DEFAULT_OUT_DIR)
+    artifact_dir, out_dir = be.run_dirs(args, "router-overhead")
     for path, what in ((PERF_ANALYZER, "perf_analyzer"), (be.GENAI_PERF, "GenAI-Perf")):
         if not path.exists() and (what == "perf_analyzer" or args.llm):
             print(f"error: {what} is missing at {path} (run `make setup`)", file=sys.stderr)
@@ -1276,7 +1264,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no tokenizer in {args.tokenizer} (run `make setup`)", file=sys.stderr)
         return 2
     artifact_dir.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    be.stop_on_sigterm()
     machine = be.machine_facts()
     settings = {
         "quick": args.quick,
@@ -1311,8 +1299,7 @@ def main(argv: list[str] | None = None) -> int:
         report["llm"] = bench_llm(args, artifact_dir) if args.llm else None
         report["llm_comparison"] = summarize_llm(report["llm"])
     except KeyboardInterrupt:
-        print("\ninterrupted: stopped; no report written.", file=sys.stderr, flush=True)
-        return 130
+        return be.interrupted()
     except (be.BenchError, RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -56,7 +56,6 @@ import queue
 import random
 import re
 import shlex
-import signal
 import sys
 import threading
 import time
@@ -77,23 +76,26 @@ from bench_engine import (  # noqa: E402
     MODEL,
     SERVER_MODELS,
     BenchError,
+    add_output_args,
     check_server,
     display_path,
     find_genai_perf_export,
     genai_perf_command,
+    interrupted,
     log,
     machine_facts,
     parse_genai_perf_export,
     percentile,
+    run_dirs,
     run_genai_perf,
+    stop_on_sigterm,
     warm_up,
 )
 
-from python_backends.paths import CACHE_DIR, default_model_dir  # noqa: E402
+from python_backends.paths import default_model_dir  # noqa: E402
 from python_backends.tools.router_process import RouterProcess  # noqa: E402
 from python_backends.tools.triton_server import TritonServer  # noqa: E402
 
-DEFAULT_OUT_DIR = REPO_ROOT / "docs" / "benchmarks"
 ALL_POLICIES = ("round_robin", "least_connections", "prefix", "sticky", "hybrid", "kv_aware")
 MULTI_TURN_POLICIES = ("round_robin", "prefix", "sticky", "hybrid")
 QUICK_POLICIES = ("round_robin", "prefix", "hybrid")
@@ -1074,12 +1076,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "besides its running requests (default 0.4)")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer folder (default: the project's SmolLM2-135M-Instruct)")
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help=f"where router_quality.json/.md go (default "
-                             f"{display_path(DEFAULT_OUT_DIR)})")
-    parser.add_argument("--artifact-dir", type=Path, default=None,
-                        help="logs and GenAI-Perf artifacts (default "
-                             ".cache/bench/router-quality-<time>)")
+    add_output_args(parser, "router_quality.json/.md", "logs and GenAI-Perf artifacts",
+                    "router-quality")
     parser.add_argument("--restart-each-run", action="store_true",
                         help="restart the tritonservers before every run instead of "
                              "reloading the `engine` model (both give cold caches; reloading "
@@ -1113,16 +1111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupt(signum, _frame):
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes: Sizes = args.sizes
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    artifact_dir = (args.artifact_dir or CACHE_DIR / "bench" / f"router-quality-{stamp}").resolve()
-    out_dir = args.out_dir or (artifact_dir / "report" if args.quick else DEFAULT_OUT_DIR)
+    artifact_dir, out_dir = run_dirs(args, "router-quality")
     if not (args.tokenizer / "config.json").exists() and not (
             args.tokenizer / "tokenizer.json").exists():
         print(f"error: no tokenizer in {args.tokenizer} (run `make setup`)", file=sys.stderr)
@@ -1131,7 +1123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {display_path(GENAI_PERF)} is missing", file=sys.stderr)
         return 2
     (artifact_dir / "logs").mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    stop_on_sigterm()
 
     model_dir = default_model_dir()
     bytes_per_block = kv_bytes_per_block(model_dir, sizes.block_size)
@@ -1187,9 +1179,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{run['run_wall_s']:.0f} s (elapsed {(time.monotonic() - started) / 60:.1f}"
                     f" min)")
     except KeyboardInterrupt:
-        print("\ninterrupted: stopping everything; no report written.", file=sys.stderr,
-              flush=True)
-        return 130
+        return interrupted()
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

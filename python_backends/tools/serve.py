@@ -26,6 +26,7 @@ from python_backends.tools.gpus import (
     DEFAULT_MEMORY_FRACTION,
     DEFAULT_RESERVE_BYTES,
     GIB,
+    Gpu,
     Placement,
     plan_placements,
     visible_gpus,
@@ -93,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def select_gpus(spec: str):
+def select_gpus(spec: str) -> list[Gpu]:
     gpus = visible_gpus()
     if spec == "auto":
         return gpus
