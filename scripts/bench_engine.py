@@ -218,31 +218,35 @@ def check_server(server_process: subprocess.Popen | None, during: str) -> None:
                          f"see the server log and dmesg)")
 
 
-def run_genai_perf(cmd: list[str], log_path: Path, timeout_s: float,
-                   server_process: subprocess.Popen | None = None) -> None:
-    """Run one GenAI-Perf command, output to `log_path`; raise BenchError when it fails.
-
-    With `server_process` (a server we started), stop early when it exits or one of its
-    model stub processes dies, rather than waiting out the timeout.
-    """
+def run_tool(cmd: list[str], log_path: Path, timeout_s: float, what: str,
+             server_process: subprocess.Popen | None = None,
+             env: dict[str, str] | None = None, poll_s: float = 1.0) -> int:
+    """Run a load tool (GenAI-Perf, perf_analyzer) with its output in `log_path`; return its
+    exit code. With `server_process` (a server we started), stop early when it exits or one
+    of its model stub processes dies, rather than waiting out the timeout."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as out:
-        # Its own session: on Ctrl-C we stop it (and its perf_analyzer) ourselves.
+        # Its own session: on Ctrl-C we stop it (and whatever it started) ourselves.
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                start_new_session=True)
+                                env=env, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         try:
             while True:
                 try:
-                    rc = proc.wait(timeout=1.0)
-                    break
+                    return proc.wait(timeout=poll_s)
                 except subprocess.TimeoutExpired:
                     pass
-                check_server(server_process, "GenAI-Perf")
+                check_server(server_process, what)
                 if time.monotonic() > deadline:
-                    raise BenchError(f"GenAI-Perf ran past {timeout_s:.0f} s; log: {log_path}")
+                    raise BenchError(f"{what} ran past {timeout_s:.0f} s; log: {log_path}")
         finally:
             _stop_process_group(proc)
+
+
+def run_genai_perf(cmd: list[str], log_path: Path, timeout_s: float,
+                   server_process: subprocess.Popen | None = None) -> None:
+    """Run one GenAI-Perf command (`run_tool`); raise BenchError when it fails."""
+    rc = run_tool(cmd, log_path, timeout_s, "GenAI-Perf", server_process)
     if rc != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-25:]
         raise BenchError(f"GenAI-Perf exited with {rc}; log: {log_path}\n  " + "\n  ".join(tail))

@@ -460,23 +460,8 @@ def run_perf_analyzer(cmd: list[str], log_path: Path, timeout_s: float,
     """Run perf_analyzer to `log_path`; returns (exit code, its output). Stops it on errors."""
     env = {**os.environ, "LD_LIBRARY_PATH": ":".join(
         p for p in (str(PERF_ANALYZER_LIBS), os.environ.get("LD_LIBRARY_PATH", "")) if p)}
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while True:
-                try:
-                    rc = proc.wait(timeout=0.5)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                be.check_server(triton.process, "perf_analyzer")
-                if time.monotonic() > deadline:
-                    raise be.BenchError(f"perf_analyzer ran past {timeout_s:.0f} s; log: "
-                                        f"{log_path}")
-        finally:
-            be._stop_process_group(proc)
+    rc = be.run_tool(cmd, log_path, timeout_s, "perf_analyzer", triton.process, env=env,
+                     poll_s=0.5)
     return rc, log_path.read_text(errors="replace")
 
 
