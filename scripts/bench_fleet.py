@@ -553,8 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.workload_file:
         try:
             prompts, sizes = load_workload(args.workload_file, args.size_overrides)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"error: cannot use --workload-file {args.workload_file}: {exc!r}",
+                  file=sys.stderr)
             return 2
         args.sizes = sizes
     else:
