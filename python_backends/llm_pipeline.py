@@ -1,14 +1,15 @@
 """The `llm` model's logic, free of Triton: prompt -> engine inputs, token chunks -> text.
 
-`llm` is what users call: text in, text out. It tokenizes itself and calls `engine` once
-(one hop per token, where the ensemble costs three), then turns the streamed token ids back
-into text deltas, honouring stop strings the way vLLM does (the stop string is not sent, and
-text that might be the start of one is held back until it is known not to be).
+`llm` is what users call: text in, text out. It tokenizes, runs the engine (in its own
+process, or a separate engine model over BLS) and turns the streamed token ids back into text
+deltas, honouring stop strings the way vLLM does (the stop string is not sent, and text that
+might be the start of one is held back until it is known not to be).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,73 @@ def engine_inputs(
     if request.bad_words:
         inputs["bad_words_list"] = to_word_list(tokenizer, list(request.bad_words))[None]
     return inputs
+
+
+@dataclass(frozen=True)
+class TextReply:
+    """One response of `llm`: a text delta (streaming) or the whole text."""
+
+    text: str
+    final: bool
+    finish_reason: str = ""
+    num_input_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+class TextGeneration:
+    """One request's token chunks in, the `llm` responses to send out.
+
+    `stopped` turns true when a stop string ended the text: the caller then stops the engine
+    (its final reply has already been returned).
+    """
+
+    def __init__(self, tokenizer: Any, request: TextRequest, num_input_tokens: int) -> None:
+        self.request = request
+        self.num_input_tokens = num_input_tokens
+        self.stream = TextStream(tokenizer, request.stop, request.skip_special_tokens)
+        self.pieces: list[str] = []  # non-streaming: the whole answer, sent once
+        self.done = False
+
+    @property
+    def stopped(self) -> bool:
+        return self.stream.stopped
+
+    def feed(self, token_ids: Sequence[int], last: bool = False, num_cached_tokens: int = 0,
+             finish_reason: str | None = None) -> TextReply | None:
+        """The reply for these tokens, or None when there is nothing to send yet.
+
+        `last`: the engine ended the request; `finish_reason` says why ("stop" or "length"),
+        or is inferred from the token count when the engine does not say.
+        """
+        if self.done:
+            return None
+        if last and finish_reason is None:
+            produced = self.stream.num_tokens + len(token_ids)
+            finish_reason = "stop" if produced < self.request.max_tokens else "length"
+        delta = self.stream.feed(token_ids)
+        if self.stream.stopped:
+            last, finish_reason = True, "stop"
+        if last:
+            delta += self.stream.finish()
+            self.done = True
+        if self.request.stream:
+            if not delta and not last:
+                return None
+            return self._reply(delta, last, finish_reason, num_cached_tokens)
+        self.pieces.append(delta)
+        if not last:
+            return None
+        text = "".join(self.pieces)
+        if not self.request.exclude_input_in_output:
+            text = (self.request.text or "") + text
+        return self._reply(text, True, finish_reason, num_cached_tokens)
+
+    def _reply(self, text: str, final: bool, reason: str | None, cached: int) -> TextReply:
+        if not final:
+            return TextReply(text, False)
+        return TextReply(text, True, reason or "stop", self.num_input_tokens,
+                         self.stream.num_tokens, cached)
 
 
 class TextStream:

@@ -1,12 +1,14 @@
-"""Small helpers shared by the Triton Python models (imported only inside Triton)."""
+"""Small helpers shared by the Triton Python models, and their config files."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,45 @@ def model_parameters(args: dict) -> dict[str, str]:
     """`parameters { key: ..., value { string_value: ... } }` of config.pbtxt as a dict."""
     config = json.loads(args["model_config"])
     return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+# `parameters { key: "k" value: { string_value: "v" } }`, the form this project's configs
+# use. Read with a pattern, not protobuf: a Python stub may not see tritonclient's protos.
+_PARAMETER = re.compile(
+    r'parameters\s*:?\s*\{\s*key\s*:\s*"((?:[^"\\]|\\.)*)"\s*'
+    r'value\s*:?\s*\{\s*string_value\s*:\s*"((?:[^"\\]|\\.)*)"\s*\}\s*\}')
+_COMMENT = re.compile(r"^\s*#.*$", re.MULTILINE)
+
+
+def config_parameters(config_path: str | Path) -> dict[str, str]:
+    """String parameters of a config.pbtxt file; {} when there is no such file."""
+    path = Path(config_path)
+    if not path.is_file():
+        return {}
+    text = _COMMENT.sub("", path.read_text())
+    return {key: value for key, value in _PARAMETER.findall(text)}
+
+
+def sibling_model_parameters(model_dir: str | Path, name: str) -> dict[str, str]:
+    """Parameters of model `name` in the same repository as `model_dir` (Triton's
+    args["model_repository"] is the model's own folder)."""
+    return config_parameters(Path(model_dir).parent / name / "config.pbtxt")
+
+
+def in_process_engine_parameters(model_dir: str | Path,
+                                 parameters: dict[str, str]) -> dict[str, str]:
+    """The settings of `llm`'s in-process engine: those of its `engine_config` model (the
+    `engine` model's config.pbtxt), overridden by `llm`'s own non-empty parameters."""
+    merged = sibling_model_parameters(model_dir, parameters.get("engine_config") or "engine")
+    merged.update({key: value for key, value in parameters.items() if value})
+    return merged
+
+
+def hosts_engine(parameters: dict[str, str]) -> bool:
+    """Whether a model with these config parameters runs an engine in its own process:
+    `engine` (it has the engine's settings) or `llm` without an `engine_model` to call."""
+    return "kv_cache_bytes" in parameters or (
+        "engine_config" in parameters and not parameters.get("engine_model"))
 
 
 def input_arrays(request: Any) -> dict[str, np.ndarray]:

@@ -41,12 +41,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from python_backends.paths import CACHE_DIR, default_model_dir  # noqa: E402
+from python_backends.paths import CACHE_DIR, MODEL_REPOSITORY, default_model_dir  # noqa: E402
+from python_backends.triton_glue import in_process_engine_parameters  # noqa: E402
 
 GENAI_PERF = REPO_ROOT / "scripts" / "genai-perf"
 DEFAULT_OUT_DIR = REPO_ROOT / "docs" / "benchmarks"
 MODEL = "llm"
-SERVER_MODELS = ("engine", "llm")
+SERVER_MODELS = ("llm",)  # its engine runs in its own process
 INPUT_TOKENS = 64
 OUTPUT_TOKENS = 64
 DEFAULT_CONCURRENCY = (1, 4, 8, 32)
@@ -319,10 +320,10 @@ def engine_info(url: str) -> dict[str, Any]:
     info: dict[str, Any] = {}
     try:
         info["server_version"] = client.get_server_metadata(as_json=True).get("version")
-        config = client.get_model_config("engine", as_json=True).get("config", {})
-        info["engine_parameters"] = {
-            k: v.get("string_value") for k, v in config.get("parameters", {}).items()
-        }
+        config = client.get_model_config(MODEL, as_json=True).get("config", {})
+        own = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        info["engine_parameters"] = in_process_engine_parameters(
+            MODEL_REPOSITORY / MODEL, own)
     except Exception as exc:  # informational only: never fail the benchmark for it
         info["error"] = str(exc)
     finally:

@@ -303,7 +303,7 @@ class Stack:
             sys.executable, "-m", "python_backends.tools.serve",
             "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
             "--http-port", str(self.http_port),
-            "--models", "engine" if args.model == "engine" else "engine,llm",
+            "--models", args.model,  # `llm` runs its engine in process
             "--log-dir", str(log_dir), "--policy", "round_robin",
             "--ready-timeout", str(args.ready_timeout), *args.serve_args]
         if args.instances:
@@ -311,6 +311,7 @@ class Stack:
         if args.model_dir:
             self.command += ["--model-dir", str(args.model_dir)]
         self.log_path = log_dir / (f"serve-{attempt}.log" if attempt else "serve.log")
+        self.model = args.model
         self.process: subprocess.Popen | None = None
         self.instances: list[dict[str, Any]] = []
 
@@ -340,7 +341,7 @@ class Stack:
         return [f"{i['address']},{i['metrics']}" for i in self.instances]
 
     def counters(self) -> list[dict[str, float]]:
-        return [engine_counters(i["metrics"]) for i in self.instances]
+        return [engine_counters(i["metrics"], self.model) for i in self.instances]
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

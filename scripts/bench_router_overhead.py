@@ -61,7 +61,6 @@ import bench_engine as be  # noqa: E402  (GenAI-Perf helpers, machine facts, pro
 
 from python_backends.paths import TOOLS_DIR, default_model_dir  # noqa: E402
 from python_backends.tools.router_process import RouterProcess  # noqa: E402
-from python_backends.tools.serve import DEFAULT_MODELS  # noqa: E402
 from python_backends.tools.triton_server import TritonServer, free_port  # noqa: E402
 
 TEST_MODEL_REPOSITORY = REPO_ROOT / "tests" / "model_repository"
@@ -791,9 +790,9 @@ def bench_llm(args: argparse.Namespace, artifact_dir: Path) -> dict[str, Any]:
                                "input_tokens": be.INPUT_TOKENS,
                                "engine_env": {"LLM_ENGINE_ENABLE_PREFIX_CACHING": "false"}}
     with contextlib.ExitStack() as stack:
-        server = TritonServer(models=list(DEFAULT_MODELS), env=results["engine_env"],
+        server = TritonServer(models=list(be.SERVER_MODELS), env=results["engine_env"],
                               log_path=artifact_dir / "tritonserver-llm.log")
-        log(f"llm: starting tritonserver ({','.join(DEFAULT_MODELS)}; takes up to a minute) ...")
+        log(f"llm: starting tritonserver ({','.join(be.SERVER_MODELS)}; takes up to a minute) ...")
         started = time.monotonic()
         server.start()
         stack.callback(server.stop)

@@ -226,15 +226,15 @@ def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
     return samples
 
 
-def engine_counters(metrics_address: str) -> dict[str, float]:
-    """The engine's counters on one instance, by its metrics "host:port" (absent ones, never
-    updated yet, are 0)."""
+def engine_counters(metrics_address: str, model: str = MODEL) -> dict[str, float]:
+    """The counters of the engine that serves `model` (`llm` runs its own) on one instance,
+    by its metrics "host:port" (absent ones, never updated yet, are 0)."""
     url = f"http://{metrics_address}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
     values = dict.fromkeys(ENGINE_COUNTERS, 0.0)
     for name, labels, value in parse_prometheus(text):
-        if name in values and labels.get("model", "engine") == "engine":
+        if name in values and labels.get("model") == model:
             values[name] += value
     return values
 
@@ -281,8 +281,9 @@ class Fleet:
                         for i in range(count)]
 
     def reset(self, timeout_s: float) -> float:
-        """Cold engines without a restart: unload and load `engine` on every instance,
-        together (a new engine: new KV pool, empty prefix cache; its counters go on)."""
+        """Cold engines without a restart: unload and load `llm` (its engine in process) on
+        every instance, together (a new engine: new KV pool, empty prefix cache; its counters
+        go on)."""
         import tritonclient.grpc as grpcclient
 
         started = time.monotonic()
@@ -290,13 +291,13 @@ class Fleet:
         def one(server: TritonServer) -> None:
             client = grpcclient.InferenceServerClient(server.grpc_url)
             try:
-                client.unload_model("engine")
+                client.unload_model(MODEL)
                 deadline = time.monotonic() + timeout_s
-                while client.is_model_ready("engine"):
+                while client.is_model_ready(MODEL):
                     if time.monotonic() > deadline:
                         raise BenchError(f"{server.grpc_url}: engine did not unload")
                     time.sleep(0.1)
-                client.load_model("engine", client_timeout=timeout_s)
+                client.load_model(MODEL, client_timeout=timeout_s)
             finally:
                 client.close()
 

@@ -14,6 +14,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from python_backends.paths import REPO_ROOT
+from python_backends.triton_glue import config_parameters
 
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 DEPLOY = REPO_ROOT / "deploy"
@@ -253,6 +254,10 @@ def test_config_parses(path: Path) -> None:
         assert not duplicates, f"{path}: duplicate {kind} names {duplicates}"
     # Triton needs a version folder even for an ensemble.
     assert (path.parent / "1").is_dir(), f"{path.parent} has no version folder 1/"
+    # What the models and serve read without protobuf (config_parameters) is what Triton
+    # reads.
+    expected = {key: value.string_value for key, value in config.parameters.items()}
+    assert config_parameters(path) == expected
 
 
 # --- the upstream contract ----------------------------------------------------------------

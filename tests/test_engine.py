@@ -160,3 +160,35 @@ def test_chunked_prefill_gives_identical_tokens(model_dir, reference, tokenizer)
     outputs = chunked.generate([reference[p][0] for p in PROMPTS], params)
     assert outputs == [reference[p][1] for p in PROMPTS]
     assert chunked.stats.prefill_steps > len(PROMPTS)  # prompts did span several steps
+
+
+def test_a_sink_returning_false_ends_its_request_at_once(engine, reference):
+    """How `llm` stops the engine when a stop string ends the text: its sink says so, the
+    slot is freed in the same iteration and nothing more is delivered."""
+    import threading
+    import time
+
+    from python_backends.engine.loop import EngineLoop
+
+    calls = []
+    stopped = threading.Event()
+
+    def sink(out):
+        calls.append(out)
+        if len(calls) == 3:
+            stopped.set()
+            return False
+        return None
+
+    loop = EngineLoop(engine).start()
+    try:
+        loop.submit("sink-stops", reference[PROMPTS[0]][0], SamplingParams(max_tokens=50), sink)
+        assert stopped.wait(60)
+        deadline = time.monotonic() + 10
+        while engine.has_unfinished() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        loop.shutdown()
+    assert len(calls) == 3 and not any(out.finished for out in calls)
+    assert not engine.has_unfinished() and loop.num_live == 0 and loop.num_aborted == 1
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

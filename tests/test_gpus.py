@@ -151,3 +151,28 @@ class _FakeSocket:
 
     def getsockname(self):
         return ("127.0.0.1", self.port)
+
+
+def test_two_engines_in_an_instance_split_its_share():
+    one = plan_placements([H100], 2, model_bytes=2 * GIB, reserve_bytes=GIB)
+    two = plan_placements([H100], 2, model_bytes=2 * GIB, reserve_bytes=GIB, engines=2)
+    share = int(H100.memory_bytes * 0.85) // 2
+    assert one[0].kv_cache_bytes == share - 3 * GIB
+    assert two[0].kv_cache_bytes == share // 2 - 3 * GIB and two[0].engines == 2
+    assert "each of 2 engines" in two[0].describe()
+    with pytest.raises(ValueError, match="--models llm"):
+        plan_placements([H100], 8, model_bytes=4 * GIB, engines=2)
+
+
+def test_serve_counts_the_engines_of_the_models_it_loads(monkeypatch):
+    """`engine` and `llm` (its engine in process by default) each hold one; the others
+    none. Read from the project's own config files."""
+    from python_backends.paths import MODEL_REPOSITORY
+
+    assert serve.engines_per_instance(MODEL_REPOSITORY, list(serve.DEFAULT_MODELS)) == 2
+    assert serve.engines_per_instance(MODEL_REPOSITORY, ["llm"]) == 1
+    assert serve.engines_per_instance(MODEL_REPOSITORY, ["engine", "ensemble"]) == 1
+    whole = _plan(monkeypatch, [H100])
+    alone = _plan(monkeypatch, [H100], "--models", "llm")
+    assert whole[0].engines == 2 and alone[0].engines == 1
+    assert whole[0].kv_cache_bytes < alone[0].kv_cache_bytes / 2

@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 
 from python_backends.contracts import TextRequest
-from python_backends.llm_pipeline import TextStream, engine_inputs, prompt_token_ids
+from python_backends.llm_pipeline import (
+    TextGeneration,
+    TextStream,
+    engine_inputs,
+    prompt_token_ids,
+)
 from python_backends.text import load_tokenizer
 
 
@@ -61,3 +66,58 @@ def test_chat_prompt_uses_template(tokenizer):
     messages = [{"role": "user", "content": "hi"}]
     assert prompt_token_ids(
         tokenizer, TextRequest(text="ignored", messages=messages, max_tokens=1)) == chat
+
+
+def generation_replies(tokenizer, request, text, chunk=2, finish_reason=None):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    generation = TextGeneration(tokenizer, request, num_input_tokens=5)
+    chunks = [ids[i:i + chunk] for i in range(0, len(ids), chunk)]
+    replies = []
+    for i, piece in enumerate(chunks):
+        reply = generation.feed(piece, last=i == len(chunks) - 1, num_cached_tokens=3,
+                                finish_reason=finish_reason)
+        if reply is not None:
+            replies.append(reply)
+        if generation.done:
+            break
+    return replies, generation, len(ids)
+
+
+def test_streamed_replies_carry_deltas_and_a_final_with_counts(tokenizer):
+    text = "One, two, three, four."
+    request = TextRequest(text="q", messages=None, max_tokens=100, stream=True)
+    replies, generation, n = generation_replies(tokenizer, request, text)
+    assert "".join(r.text for r in replies) == text
+    assert [r.final for r in replies] == [False] * (len(replies) - 1) + [True]
+    last = replies[-1]
+    assert (last.finish_reason, last.num_input_tokens, last.num_output_tokens,
+            last.num_cached_tokens) == ("stop", 5, n, 3)  # ended before max_tokens
+    assert generation.done and not generation.stopped
+
+
+def test_whole_reply_is_sent_once_with_the_prompt_unless_excluded(tokenizer):
+    text = "One, two, three."
+    for exclude, expected in ((False, "q" + text), (True, text)):
+        request = TextRequest(text="q", messages=None, max_tokens=100,
+                              exclude_input_in_output=exclude)
+        replies, _, _ = generation_replies(tokenizer, request, text)
+        assert [(r.text, r.final) for r in replies] == [(expected, True)]
+
+
+def test_finish_reason_is_length_at_max_tokens_or_what_the_engine_says(tokenizer):
+    text = "One, two, three."
+    n = len(tokenizer.encode(text, add_special_tokens=False))
+    request = TextRequest(text="q", messages=None, max_tokens=n, stream=True)
+    assert generation_replies(tokenizer, request, text)[0][-1].finish_reason == "length"
+    replies = generation_replies(tokenizer, request, text, finish_reason="stop")[0]
+    assert replies[-1].finish_reason == "stop"
+
+
+def test_a_stop_string_ends_the_generation_early(tokenizer):
+    request = TextRequest(text="q", messages=None, max_tokens=100, stream=True,
+                          stop=(" three",))
+    replies, generation, _ = generation_replies(tokenizer, request, "One, two, three, four.")
+    assert "".join(r.text for r in replies) == "One, two,"
+    assert replies[-1].final and replies[-1].finish_reason == "stop"
+    assert generation.stopped and generation.done
+    assert generation.feed([1, 2]) is None  # nothing after the end

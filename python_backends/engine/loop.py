@@ -23,7 +23,9 @@ from python_backends.engine.sequence import FinishReason
 
 log = logging.getLogger(__name__)
 
-Sink = Callable[[RequestOutput], None]
+# Receives each output of its request; returning False ends the request at once (its slot is
+# freed, no final output follows): e.g. a stop string found by the caller.
+Sink = Callable[[RequestOutput], bool | None]
 
 
 @dataclass
@@ -180,13 +182,14 @@ class EngineLoop:
         if out.finished:
             del self._live[out.request_id]
         if not self._safe_sink(sub, out) and not out.finished:
-            # The client is gone: free the slot now rather than decode for nobody.
+            # The client is gone, or the sink is done with it: free the slot now rather than
+            # decode for nobody.
             self._finish_aborted(out.request_id, notify=False)
 
     def _safe_sink(self, sub: _Submission, out: RequestOutput) -> bool:
+        """False when the request should end: the sink said so, or could not deliver."""
         try:
-            sub.sink(out)
-            return True
+            return sub.sink(out) is not False
         except Exception as exc:
             log.warning("could not deliver output of %s: %s", sub.external_id, exc)
             return False

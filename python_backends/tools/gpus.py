@@ -32,8 +32,9 @@ class Placement:
 
     instance: int
     gpu: Gpu | None = None
-    kv_cache_bytes: int = 0
+    kv_cache_bytes: int = 0  # for each engine of the instance
     sharing: int = 1  # instances on this GPU, this one included
+    engines: int = 1  # models of the instance that hold an engine (weights and KV cache)
 
     def env(self) -> dict[str, str]:
         """Environment for this instance's tritonserver (the engine reads LLM_ENGINE_*)."""
@@ -50,8 +51,9 @@ class Placement:
         if self.gpu is None:
             return "CPU"
         shared = f", shared by {self.sharing}" if self.sharing > 1 else ""
+        each = f" for each of {self.engines} engines" if self.engines > 1 else ""
         return (f"GPU {self.gpu.index} ({self.gpu.name}{shared}), KV cache "
-                f"{self.kv_cache_bytes / GIB:.1f} GiB")
+                f"{self.kv_cache_bytes / GIB:.1f} GiB{each}")
 
 
 def parse_nvidia_smi(text: str) -> list[Gpu]:
@@ -98,14 +100,18 @@ def weight_bytes(model_dir: Path) -> int:
 
 def plan_placements(gpus: list[Gpu], instances: int, model_bytes: int,
                     memory_fraction: float = DEFAULT_MEMORY_FRACTION,
-                    reserve_bytes: int = DEFAULT_RESERVE_BYTES) -> list[Placement]:
+                    reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+                    engines: int = 1) -> list[Placement]:
     """Instances over GPUs round-robin; each GPU's `memory_fraction` is split evenly between
     the instances on it, and each instance's share less its weights and `reserve_bytes` is its
-    KV cache. No GPUs: every instance on the CPU."""
+    KV cache, split evenly between its `engines` (each engine holds its own weights and its
+    own reserve). No GPUs: every instance on the CPU."""
     if instances < 1:
         raise ValueError("at least one instance is needed")
+    if engines < 1:
+        raise ValueError("an instance runs at least one engine")
     if not gpus:
-        return [Placement(i) for i in range(instances)]
+        return [Placement(i, engines=engines) for i in range(instances)]
     if not 0.0 < memory_fraction <= 1.0:
         raise ValueError(f"the GPU memory fraction must be in (0, 1], got {memory_fraction}")
     counts = [0] * len(gpus)
@@ -116,12 +122,15 @@ def plan_placements(gpus: list[Gpu], instances: int, model_bytes: int,
         gpu = gpus[i % len(gpus)]
         sharing = counts[i % len(gpus)]
         share = int(gpu.memory_bytes * memory_fraction) // sharing
-        kv = share - model_bytes - reserve_bytes
+        kv = share // engines - model_bytes - reserve_bytes
         if kv <= 0:
+            each = f"each of its {engines} engines" if engines > 1 else "each"
             raise ValueError(
                 f"{sharing} instance(s) on GPU {gpu.index} ({gpu.memory_bytes / GIB:.0f} GiB, "
-                f"{memory_fraction:.0%} usable) leave no room for a KV cache: each needs "
+                f"{memory_fraction:.0%} usable) leave no room for a KV cache: {each} needs "
                 f"{model_bytes / GIB:.1f} GiB of weights + {reserve_bytes / GIB:.1f} GiB "
-                f"reserve; run fewer instances per GPU")
-        placements.append(Placement(i, gpu, kv, sharing))
+                f"reserve; run fewer instances per GPU"
+                + (" or load one engine model (--models llm or --models engine)"
+                   if engines > 1 else ""))
+        placements.append(Placement(i, gpu, kv, sharing, engines))
     return placements

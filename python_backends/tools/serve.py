@@ -34,6 +34,7 @@ from python_backends.tools.gpus import (
 )
 from python_backends.tools.router_process import RouterProcess
 from python_backends.tools.triton_server import TritonServer, free_port
+from python_backends.triton_glue import config_parameters, hosts_engine
 
 DEFAULT_MODELS = ("engine", "llm", "preprocessing", "postprocessing", "ensemble")
 
@@ -69,8 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="GiB each GPU instance keeps for its CUDA context, activations "
                              "and CUDA graphs (default %(default)s)")
     parser.add_argument("--gpu-kv-cache-gb", type=float,
-                        help="KV cache per GPU instance, GiB (default: what its memory share "
-                             "leaves after weights and reserve)")
+                        help="KV cache of each engine of a GPU instance, GiB (default: what "
+                             "its memory share leaves after weights and reserve)")
     parser.add_argument("--model-dir", type=Path,
                         help="weights + tokenizer (safetensors, Llama architecture) to serve; "
                              "default: the project's SmolLM2-135M-Instruct")
@@ -86,7 +87,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "--triton-arg=--pinned-memory-pool-byte-size=0")
     parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY)
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                        help="comma-separated models to load (default: %(default)s)")
+                        help="comma-separated models to load (default: %(default)s). "
+                             "`llm` and `engine` each run an engine of their own (weights "
+                             "and KV cache): on a GPU, load only the one clients call, "
+                             "e.g. --models llm, to give it the whole memory share")
     parser.add_argument("--log-dir", type=Path, default=CACHE_DIR / "logs",
                         help="where each instance writes its log (default: %(default)s)")
     parser.add_argument("--ready-timeout", type=float, default=300.0,
@@ -113,8 +117,10 @@ def plan(args: argparse.Namespace) -> list[Placement]:
     if args.instances < 1:
         raise ValueError("--instances must be at least 1")
     model_dir = args.model_dir or default_model_dir()
+    engines = engines_per_instance(args.model_repository, model_names(args))
     placements = plan_placements(gpus, args.instances, weight_bytes(model_dir) if gpus else 0,
-                                 args.gpu_memory_fraction, int(args.gpu_reserve_gb * GIB))
+                                 args.gpu_memory_fraction, int(args.gpu_reserve_gb * GIB),
+                                 engines=max(engines, 1))
     if args.gpu_kv_cache_gb is not None and gpus:
         wanted = int(args.gpu_kv_cache_gb * GIB)
         if wanted <= 0 or any(wanted > p.kv_cache_bytes for p in placements):
@@ -123,6 +129,16 @@ def plan(args: argparse.Namespace) -> list[Placement]:
                              f"({min(p.kv_cache_bytes for p in placements) / GIB:.1f} GiB)")
         placements = [replace(p, kv_cache_bytes=wanted) for p in placements]
     return placements
+
+
+def model_names(args: argparse.Namespace) -> list[str]:
+    return [m for m in args.models.split(",") if m]
+
+
+def engines_per_instance(repository: Path, models: list[str]) -> int:
+    """How many of these models run an engine of their own (weights and KV cache each)."""
+    return sum(hosts_engine(config_parameters(repository / name / "config.pbtxt"))
+               for name in models)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"pass --{name.lower()}-port", file=sys.stderr)
             return 2
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    models = [m for m in args.models.split(",") if m]
+    models = model_names(args)
     model_env = {"LLM_MODEL_DIR": str(args.model_dir.resolve())} if args.model_dir else {}
     if args.gpus == "0":
         model_env["CUDA_VISIBLE_DEVICES"] = ""  # the engine's device "auto" then means CPU

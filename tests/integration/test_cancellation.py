@@ -21,6 +21,7 @@ from .client import (
     llm_inputs,
     wait_until,
 )
+from .conftest import ENGINE_OF, LLM_BLS
 
 pytestmark = pytest.mark.server
 
@@ -37,29 +38,31 @@ def ensemble_done(stack) -> float:
 
 
 def cancel_and_check(stack, model, inputs, request_id="", streamed=True):
-    cancelled_before = stack.wait_engine_idle().get(ENGINE_CANCELLED, 0)
+    engine = ENGINE_OF[model]
+    cancelled_before = stack.wait_engine_idle(model).get(ENGINE_CANCELLED, 0)
     stream = Stream(stack.url)
     try:
         stream.send(model, inputs, request_id)
         if streamed:  # it is decoding: a few chunks came back
             stream.wait_for(lambda rs: sum(bool(r.text or r.token_ids) for r in rs) >= 3)
-        wait_until(lambda: stack.metrics().get(ENGINE_RUNNING) == 1, DEADLINE_S,
+        wait_until(lambda: stack.metrics(engine).get(ENGINE_RUNNING) == 1, DEADLINE_S,
                    "the request never ran")
     finally:
         stream.cancel()
 
     def freed() -> bool:
-        values = stack.metrics()
+        values = stack.metrics(engine)
         return (values.get(ENGINE_RUNNING) == 0
                 and values.get(ENGINE_CANCELLED, 0) >= cancelled_before + 1)
 
     wait_until(freed, DEADLINE_S, f"the engine slot of a cancelled {model} request")
 
 
+@pytest.mark.parametrize("model", ["llm", LLM_BLS])
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
-def test_cancel_through_llm_frees_the_engine_slot(stack, stream):
+def test_cancel_through_llm_frees_the_engine_slot(stack, stream, model):
     inputs = llm_inputs(PROMPT, MAX_TOKENS, stream=stream, chat=True, ignore_eos=True)
-    cancel_and_check(stack, "llm", inputs, "cancel-llm", streamed=stream)
+    cancel_and_check(stack, model, inputs, f"cancel-{model}", streamed=stream)
 
 
 def test_cancel_on_engine_frees_its_slot(stack, tokenizer):

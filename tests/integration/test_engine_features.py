@@ -42,19 +42,20 @@ def test_repeated_long_prompt_comes_from_the_prefix_cache(stack, tokenizer):
     n_prompt = len(tokenizer.encode(prompt))
     assert n_prompt > 600
     first = run(stack.url, "llm", llm_inputs(prompt, 12, stream=False))
-    hits_before = stack.metrics().get("llm_engine_prefix_cache_hit_tokens_total", 0)
+    hits_before = stack.metrics("llm").get("llm_engine_prefix_cache_hit_tokens_total", 0)
     second = run(stack.url, "llm", llm_inputs(prompt, 12, stream=False))
     assert joined_text(second) == joined_text(first)  # caching changes nothing in the output
     cached = cached_tokens(second)
     assert cached >= n_prompt - 16  # everything but the last, partial block
-    hits = stack.metrics().get("llm_engine_prefix_cache_hit_tokens_total", 0)
+    hits = stack.metrics("llm").get("llm_engine_prefix_cache_hit_tokens_total", 0)
     assert hits - hits_before >= cached
 
 
 def engine_server(tmp_path_factory, name: str, env: dict[str, str]):
-    """A server whose engine config is overridden through LLM_ENGINE_* variables."""
+    """A server of `llm` alone (its engine in process), configured through LLM_ENGINE_*
+    variables."""
     log = tmp_path_factory.mktemp(name) / "tritonserver.log"
-    server = TritonServer(models=["engine", "llm"], env=env, log_path=log).start()
+    server = TritonServer(models=["llm"], env=env, log_path=log).start()
     try:
         server.wait_ready(timeout_s=300)
         yield server
@@ -90,14 +91,14 @@ def test_tiny_pool_preempts_and_every_request_completes_unchanged(stack, tiny):
         for s in streams:
             s.close()
     assert got == expected
-    assert read_metrics(tiny.metrics_port).get("llm_engine_preemptions_total", 0) > 0
+    assert read_metrics(tiny.metrics_port, "llm").get("llm_engine_preemptions_total", 0) > 0
 
 
 def test_high_priority_is_admitted_before_waiting_low_priority(one_seat):
     server = one_seat
 
     def metrics():
-        return read_metrics(server.metrics_port)
+        return read_metrics(server.metrics_port, "llm")
 
     blocker = Stream(server.grpc_url)  # holds the only seat until cancelled
     blocker.send("llm", llm_inputs("Count to a thousand.", 1000, ignore_eos=True))

@@ -9,6 +9,7 @@ from python_backends.paths import default_model_dir
 from python_backends.text import encode_prompt
 
 from .client import engine_inputs, ensemble_inputs, joined_text, llm_inputs, run
+from .conftest import LLM_BLS
 
 pytestmark = pytest.mark.server
 
@@ -53,11 +54,13 @@ def test_reference_is_meaningful(reference):
     assert "Paris" in reference[CASES[0][0]][2]
 
 
+@pytest.mark.parametrize("model", ["llm", LLM_BLS])
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
 @pytest.mark.parametrize(("prompt", "chat"), CASES, ids=IDS)
-def test_llm_matches_transformers(stack, reference, prompt, chat, stream):
+def test_llm_matches_transformers(stack, reference, prompt, chat, stream, model):
+    """`llm` with its engine in process, and over BLS to `engine` (`llm_bls`)."""
     _, tokens, expected = reference[prompt]
-    responses = run(stack.url, "llm", llm_inputs(prompt, MAX_TOKENS, stream=stream, chat=chat))
+    responses = run(stack.url, model, llm_inputs(prompt, MAX_TOKENS, stream=stream, chat=chat))
     assert joined_text(responses) == expected
     assert responses[-1].final
     chunks = len([r for r in responses if r.text])

@@ -9,11 +9,9 @@ import logging
 import triton_python_backend_utils as pb_utils
 
 from python_backends.contracts import parse_engine_request
-from python_backends.engine import EngineConfig, InvalidRequestError, LLMEngine
-from python_backends.engine.loop import EngineLoop
-from python_backends.engine_metrics import EngineMetrics
+from python_backends.engine import InvalidRequestError
 from python_backends.engine_responses import EngineResponseBuilder
-from python_backends.paths import default_model_dir
+from python_backends.engine_service import EngineService
 from python_backends.triton_glue import (
     input_arrays,
     model_parameters,
@@ -29,17 +27,11 @@ class TritonPythonModel:
     def initialize(self, args):
         start_parent_watchdog()
         params = model_parameters(args)
-        if not params.get("model_dir"):
-            params["model_dir"] = str(default_model_dir())
         self.exclude_input_default = params.get("exclude_input_in_output", "").lower() == "true"
-        self.config = EngineConfig.from_parameters(params)
-        self.engine = LLMEngine(self.config)
-        self.loop = EngineLoop(self.engine)
         labels = {"model": args["model_name"], "version": str(args["model_version"])}
-        self.metrics = EngineMetrics(pb_utils, labels)
-        self.loop.on_step = lambda engine: self.metrics.update(engine, self.loop)
-        self.loop.start()
-        pb_utils.Logger.log_info(f"engine ready: {self.config.to_json()}")
+        self.service = EngineService.start(pb_utils, params, labels)
+        self.engine, self.loop = self.service.engine, self.service.loop
+        pb_utils.Logger.log_info(f"engine ready: {self.service.config.to_json()}")
 
     def execute(self, requests):
         for request in requests:
@@ -94,4 +86,4 @@ class TritonPythonModel:
             )
 
     def finalize(self):
-        self.loop.shutdown()
+        self.service.shutdown()

@@ -1,0 +1,41 @@
+"""An engine served inside a Triton Python model: its config, loop thread and metrics.
+
+`engine` (token ids in and out) and `llm` (text, with the engine in its own process) both
+start one this way. `pb_utils` is passed in: it exists only inside Triton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from python_backends.engine import EngineConfig, LLMEngine
+from python_backends.engine.loop import EngineLoop
+from python_backends.engine_metrics import EngineMetrics
+from python_backends.paths import default_model_dir
+
+
+@dataclass
+class EngineService:
+    config: EngineConfig
+    engine: LLMEngine
+    loop: EngineLoop
+    metrics: EngineMetrics
+
+    @classmethod
+    def start(cls, pb_utils: Any, parameters: dict[str, str],
+              labels: dict[str, str]) -> EngineService:
+        """Load the model, size the KV cache and start the loop thread."""
+        parameters = dict(parameters)
+        if not parameters.get("model_dir"):
+            parameters["model_dir"] = str(default_model_dir())
+        config = EngineConfig.from_parameters(parameters)
+        engine = LLMEngine(config)
+        loop = EngineLoop(engine)
+        metrics = EngineMetrics(pb_utils, labels)
+        loop.on_step = lambda served: metrics.update(served, loop)
+        loop.start()
+        return cls(config, engine, loop, metrics)
+
+    def shutdown(self) -> None:
+        self.loop.shutdown()
