@@ -3,16 +3,20 @@
 
 One run does three steps:
 
-  1. serving: start a tritonserver with the models `engine` and `llm` (or use --url), then run
-     GenAI-Perf 0.0.16 against `llm` (vLLM-backend request shape, streaming, 64 input tokens,
-     exactly 64 output tokens through min_tokens) at each concurrency; read its JSON export for
-     output token throughput, request throughput, time to first token (TTFT) and inter-token
-     latency (ITL) p50/p99. The server is then stopped so that step 2 has the cores to itself.
+  1. serving: start a tritonserver with the model `llm` (its engine in process; or use --url),
+     then run GenAI-Perf 0.0.16 against `llm` (vLLM-backend request shape, streaming, 64 input
+     tokens, exactly 64 output tokens through min_tokens) at each concurrency; read its JSON
+     export for output token throughput, request throughput, time to first token (TTFT) and
+     inter-token latency (ITL) p50/p99. The server is then stopped so that step 2 has the
+     cores to itself.
   2. baseline: transformers `generate()` on the same weights in fp32, a static batch of B
      prompts of 64 random token ids, greedy, exactly 64 new tokens, for each B in the same list.
      tok/s = B*64/elapsed; TTFT = a generate with max_new_tokens=1; ITL = (elapsed-TTFT)/63.
      p50/p99 are over --generate-repeats runs.
-  3. report: <out-dir>/engine.json (every number, the exact commands, machine facts) and
+  3. engine alone: the same engine in this process with no server, on the serving step's
+     workload (the same number of requests, at most N running): how much of the engine's own
+     speed the serving path keeps. --skip-alone leaves it out.
+  4. report: <out-dir>/engine.json (every number, the exact commands, machine facts) and
      <out-dir>/engine.md (a table and the targets: at concurrency 32 the engine makes >= 2x the
      tokens/s of generate at batch 32; single-stream ITL within 1.2x of generate at batch 1).
 
@@ -488,6 +492,39 @@ def bench_generate(model_dir: Path, batches: Iterable[int], repeats: int,
     return results
 
 
+def bench_engine_alone(model_dir: Path, concurrencies: Iterable[int],
+                       request_counts: dict[int, int], seed: int = 0) -> dict[str, Any]:
+    """Step 3: the engine in this process, no server, on the serving step's workload: the same
+    number of requests (64 random token ids, exactly 64 new tokens), a new one admitted as
+    soon as one finishes so that at most N run, as GenAI-Perf keeps N in flight. Served tok/s
+    over this is what the serving path keeps of the engine's own speed."""
+    import random
+
+    from python_backends.engine import EngineConfig, LLMEngine, SamplingParams
+
+    engine = LLMEngine(EngineConfig(model_dir=str(model_dir)))
+    rng = random.Random(seed)
+    vocab = engine.runner.model_config.vocab_size
+    params = SamplingParams(max_tokens=OUTPUT_TOKENS, min_tokens=OUTPUT_TOKENS)
+    results: dict[str, Any] = {"runs": []}
+    for n in concurrencies:
+        total, added, tokens = request_counts[n], 0, 0
+        start = time.perf_counter()
+        while added < total or engine.has_unfinished():
+            while added < total and engine.num_running + engine.num_waiting < n:
+                prompt = [rng.randrange(100, vocab) for _ in range(INPUT_TOKENS)]
+                engine.add_request(f"alone-{n}-{added}", prompt, params)
+                added += 1
+            tokens += sum(len(out.new_token_ids) for out in engine.step())
+        elapsed = time.perf_counter() - start
+        results["runs"].append({"concurrency": n, "requests": total, "output_tokens": tokens,
+                                "elapsed_s": round(elapsed, 3),
+                                "output_token_throughput": tokens / elapsed})
+        log(f"engine alone: concurrency {n}: {total} requests, {tokens / elapsed:.1f} tok/s "
+            f"({elapsed:.0f} s)")
+    return results
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -524,19 +561,24 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return None if num is None or not den else num / den
 
 
-def compare(serving: dict[str, Any] | None, generate: dict[str, Any] | None) -> list[dict]:
-    """One row per concurrency/batch size present in either side."""
+def compare(serving: dict[str, Any] | None, generate: dict[str, Any] | None,
+            alone: dict[str, Any] | None = None) -> list[dict]:
+    """One row per concurrency/batch size present in any side."""
     eng = {r["concurrency"]: r for r in (serving or {}).get("runs", []) if "error" not in r}
     gen = {r["batch"]: r for r in (generate or {}).get("runs", [])}
+    solo = {r["concurrency"]: r for r in (alone or {}).get("runs", [])}
     rows = []
-    for n in sorted(set(eng) | set(gen)):
-        e, g = eng.get(n), gen.get(n)
+    for n in sorted(set(eng) | set(gen) | set(solo)):
+        e, g, a = eng.get(n), gen.get(n), solo.get(n)
         rows.append({
             "n": n,
             "engine": e,
             "generate": g,
+            "alone": a,
             "throughput_ratio": _ratio(e and e["output_token_throughput"],
                                        g and g["output_token_throughput"]),
+            "served_share": _ratio(e and e["output_token_throughput"],
+                                   a and a["output_token_throughput"]),
         })
     return rows
 
@@ -569,14 +611,17 @@ def evaluate_targets(rows: list[dict]) -> list[dict[str, Any]]:
 
 
 def build_report(serving: dict[str, Any] | None, generate: dict[str, Any] | None,
-                 machine: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    rows = compare(serving, generate)
+                 machine: dict[str, Any], settings: dict[str, Any],
+                 alone: dict[str, Any] | None = None) -> dict[str, Any]:
+    rows = compare(serving, generate, alone)
     return {
         "settings": settings,
         "machine": machine,
         "serving": serving,
         "generate": generate,
-        "comparison": [{"n": r["n"], "throughput_ratio": r["throughput_ratio"]} for r in rows],
+        "engine_alone": alone,
+        "comparison": [{"n": r["n"], "throughput_ratio": r["throughput_ratio"],
+                        "served_share_of_engine_alone": r["served_share"]} for r in rows],
         "targets": evaluate_targets(rows),
     }
 
@@ -594,7 +639,7 @@ def _pair(stats: dict[str, Any] | None, key: str, digits: int = 0) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     """The short table for docs/benchmarks/engine.md."""
     s, m = report["settings"], report["machine"]
-    rows = compare(report.get("serving"), report.get("generate"))
+    rows = compare(report.get("serving"), report.get("generate"), report.get("engine_alone"))
     title = "# Engine benchmark" + (" (quick smoke run)" if s.get("quick") else "")
     lines = [
         title,
@@ -606,16 +651,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{m.get('cpu_model', 'unknown CPU')}, torch {m.get('torch', '?')}, {m.get('date')}.",
         "",
         "| N | engine tok/s | generate tok/s | ratio (engine/generate) | engine TTFT p50/p99 ms "
-        "| generate TTFT p50/p99 ms | engine ITL p50/p99 ms | generate ITL p50/p99 ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| generate TTFT p50/p99 ms | engine ITL p50/p99 ms | generate ITL p50/p99 ms "
+        "| engine alone tok/s | served / alone |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        e, g = r["engine"], r["generate"]
+        e, g, a = r["engine"], r["generate"], r["alone"]
         lines.append(
             f"| {r['n']} | {_fmt(e and e['output_token_throughput'])} "
             f"| {_fmt(g and g['output_token_throughput'])} | {_fmt(r['throughput_ratio'], 2)} "
             f"| {_pair(e, 'ttft_ms')} | {_pair(g, 'ttft_ms')} "
-            f"| {_pair(e, 'itl_ms', 1)} | {_pair(g, 'itl_ms', 1)} |"
+            f"| {_pair(e, 'itl_ms', 1)} | {_pair(g, 'itl_ms', 1)} "
+            f"| {_fmt(a and a['output_token_throughput'])} | {_fmt(r['served_share'], 2)} |"
         )
     serving = report.get("serving") or {}
     notes = [f"- concurrency {r['concurrency']}: FAILED: {r['error'].splitlines()[0]}"
@@ -633,7 +680,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Engine p50/p99 are over requests (GenAI-Perf); generate() p50/p99 are over "
-        f"{s.get('generate_repeats')} repeated runs. Numbers, commands and machine facts: "
+        f"{s.get('generate_repeats')} repeated runs. Engine alone: the same engine in the "
+        f"benchmark's own process with no server, the serving run's number of requests with "
+        f"at most N running; served / alone is the share of the engine's own speed that "
+        f"serving keeps. Numbers, commands and machine facts: "
         f"`engine.json`. Reproduce: `{s.get('command', 'scripts/bench_engine.py')}`.",
         "",
     ]
@@ -682,7 +732,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_output_args(parser, "engine.json and engine.md",
                     "GenAI-Perf artifacts, its logs and the server log", "engine")
     parser.add_argument("--skip-serving", action="store_true", help="only the generate() side")
-    parser.add_argument("--skip-generate", action="store_true", help="only the serving side")
+    parser.add_argument("--skip-generate", action="store_true",
+                        help="no generate() baseline")
+    parser.add_argument("--skip-alone", action="store_true",
+                        help="no engine-alone run (the engine in this process, no server)")
     parser.add_argument("--genai-perf-args", default="",
                         help="extra arguments appended to every GenAI-Perf command, e.g. "
                              "'--stability-percentage 25' or '-- --max-threads 8' (after `--`: "
@@ -777,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"artifacts: {artifact_dir}; reports: {out_dir}")
     log(f"machine: {machine.get('nproc')} cores, {machine.get('cpu_model')}, load average "
         f"{machine.get('load_average_at_start')}")
-    serving = generate = None
+    serving = generate = alone = None
     failed = False
     try:
         if not args.skip_serving:
@@ -785,12 +838,16 @@ def main(argv: list[str] | None = None) -> int:
             failed = "error" in serving or any("error" in r for r in serving["runs"])
         if not args.skip_generate:
             generate = bench_generate(args.model_dir, args.concurrency, args.generate_repeats)
+        if not args.skip_alone:
+            alone = bench_engine_alone(args.model_dir, args.concurrency, {
+                n: args.request_count or default_request_count(n, args.quick)
+                for n in args.concurrency})
     except KeyboardInterrupt:
         return interrupted()
     except (BenchError, RuntimeError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    report = build_report(serving, generate, machine, settings)
+    report = build_report(serving, generate, machine, settings, alone)
     json_path, md_path = write_reports(report, out_dir)
     log(f"wrote {display_path(json_path)} and {display_path(md_path)}")
     print()

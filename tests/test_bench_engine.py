@@ -170,3 +170,25 @@ def test_dead_children_sees_a_crashed_child():
     finally:
         proc.wait()
     assert proc.pid not in bench.dead_children(os.getpid())
+
+
+def test_report_shows_what_serving_keeps_of_the_engine_alone():
+    report = _report(engine={32: fake_export(80.0, (2000.0, 4000.0), (300.0, 350.0))},
+                     generate={32: ([20.0], [3.0])})
+    alone = {"runs": [{"concurrency": 32, "requests": 64, "output_tokens": 4096,
+                       "elapsed_s": 40.96, "output_token_throughput": 100.0}]}
+    report = bench.build_report(report["serving"], report["generate"], report["machine"],
+                                report["settings"], alone)
+    assert report["comparison"][0]["served_share_of_engine_alone"] == pytest.approx(0.8)
+    md = bench.render_markdown(report)
+    assert "| 100.0 | 0.80 |" in md and "served / alone" in md
+    json.dumps(report)
+
+
+def test_engine_alone_runs_the_serving_workload_in_process(model_dir):
+    """The real engine on the real weights: every request makes exactly 64 tokens, never more
+    than N at once."""
+    result = bench.bench_engine_alone(model_dir, [2], {2: 3})
+    (run,) = result["runs"]
+    assert (run["concurrency"], run["requests"], run["output_tokens"]) == (2, 3, 3 * 64)
+    assert run["output_token_throughput"] > 0

@@ -25,6 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# oneDNN's fp32 linear; absent from some PyTorch builds.
+CPU_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if (
+    torch.backends.mkldnn.is_available()) else None
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -340,6 +344,17 @@ class LlamaForCausalLM(nn.Module):
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             hidden = layer(hidden, cos, sin, k_cache, v_cache, meta)
         last = self.norm(hidden[meta.logits_rows])
+        return self.vocab_logits(last)
+
+    def vocab_logits(self, last: torch.Tensor) -> torch.Tensor:
+        """The vocabulary projection on the CPU path. MKL's GEMM (behind F.linear) handles
+        this shape, a few rows times ~50k outputs, poorly: oneDNN's linear computes it
+        1.4-2x faster at 1-32 rows on 2 AVX2 cores (SmolLM2's 49,152-token head: 20 ms
+        instead of 36 at 32 rows), which is 5-7% of a decode step."""
+        weight = self.lm_head.weight
+        if (CPU_LINEAR is not None and last.device.type == "cpu"
+                and last.dtype == torch.float32 and weight.dtype == torch.float32):
+            return CPU_LINEAR(last, weight, None, "none", [], "")
         return self.lm_head(last).float()
 
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
