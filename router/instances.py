@@ -314,25 +314,38 @@ def parse_engine_load(text: str) -> EngineLoad | None:
 
 
 def parse_engine_metrics(text: str) -> tuple[EngineLoad | None, dict[str, float]]:
-    """The engine gauges (None without any) and prefix-cache counters, each summed over every
-    engine model of the page."""
-    gauges: dict[str, float] = {}
+    """The engine gauges (None without any) and prefix-cache counters, summed over the engine
+    models of the page. Gauges count only engines with work (running, waiting or KV blocks in
+    use) when any has: an instance that loads both `llm` and `engine` serves with one of
+    them, and the idle one's empty KV pool would halve the instance's KV usage."""
+    gauges_by_engine: dict[str, dict[str, float]] = {}
     counters: dict[str, float] = {}
     for line in text.splitlines():
         if not line.startswith("llm_engine_"):
             continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        totals, names = ((gauges, ENGINE_GAUGES) if name in ENGINE_GAUGES
-                         else (counters, ENGINE_COUNTERS))
-        if name not in names:
+        series = line.rsplit(" ", 1)[0]
+        name, _, labels = series.partition("{")
+        if name in ENGINE_GAUGES:
+            totals, field = gauges_by_engine.setdefault(labels, {}), ENGINE_GAUGES[name]
+        elif name in ENGINE_COUNTERS:
+            totals, field = counters, ENGINE_COUNTERS[name]
+        else:
             continue
         try:
             value = float(line.rsplit(" ", 1)[1])
         except (IndexError, ValueError):
             continue
-        totals[names[name]] = totals.get(names[name], 0.0) + value
-    load = EngineLoad(**{k: int(v) for k, v in gauges.items()}) if gauges else None
-    return load, counters
+        totals[field] = totals.get(field, 0.0) + value
+    if not gauges_by_engine:
+        return None, counters
+    engines = list(gauges_by_engine.values())
+    busy = [g for g in engines
+            if g.get("running") or g.get("waiting") or g.get("kv_blocks_used")]
+    gauges: dict[str, float] = {}
+    for engine in busy or engines:
+        for field, value in engine.items():
+            gauges[field] = gauges.get(field, 0.0) + value
+    return EngineLoad(**{k: int(v) for k, v in gauges.items()}), counters
 
 
 def instance_configs(addresses: Iterable[str]) -> tuple[InstanceConfig, ...]:

@@ -176,3 +176,13 @@ def test_serve_counts_the_engines_of_the_models_it_loads(monkeypatch):
     alone = _plan(monkeypatch, [H100], "--models", "llm")
     assert whole[0].engines == 2 and alone[0].engines == 1
     assert whole[0].kv_cache_bytes < alone[0].kv_cache_bytes / 2
+
+
+def test_serve_says_when_gpu_flags_have_no_effect(monkeypatch, capsys):
+    _plan(monkeypatch, [], "--gpu-kv-cache-gb", "2", "--gpu-reserve-gb", "1")
+    err = capsys.readouterr().err
+    assert "no GPU in use" in err and "--gpu-kv-cache-gb, --gpu-reserve-gb" in err
+    _plan(monkeypatch, [])
+    assert capsys.readouterr().err == ""
+    _plan(monkeypatch, [H100], "--gpu-kv-cache-gb", "2")
+    assert capsys.readouterr().err == ""

@@ -282,3 +282,18 @@ def test_pool_stop_closes_channels_of_added_instances():
 
     run(main())
 
+
+
+def test_parse_engine_load_leaves_out_an_idle_engine_model():
+    """`llm` serving while `engine` idles on the same instance: the KV usage is llm's."""
+    page = ('llm_engine_requests_running{model="llm",version="1"} 4\n'
+            'llm_engine_kv_blocks_used{model="llm",version="1"} 90\n'
+            'llm_engine_kv_blocks_total{model="llm",version="1"} 100\n'
+            'llm_engine_requests_running{model="engine",version="1"} 0\n'
+            'llm_engine_kv_blocks_used{model="engine",version="1"} 0\n'
+            'llm_engine_kv_blocks_total{model="engine",version="1"} 100\n')
+    load = parse_engine_load(page)
+    assert load == EngineLoad(running=4, kv_blocks_used=90, kv_blocks_total=100)
+    assert load.kv_usage == 0.9
+    idle = page.replace("} 4\n", "} 0\n").replace("} 90\n", "} 0\n")
+    assert parse_engine_load(idle).kv_blocks_total == 200  # all idle: the whole pool

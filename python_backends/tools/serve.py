@@ -116,6 +116,11 @@ def plan(args: argparse.Namespace) -> list[Placement]:
         args.instances = 1 if args.no_router else (len(gpus) or 2)
     if args.instances < 1:
         raise ValueError("--instances must be at least 1")
+    if not gpus:
+        ignored = gpu_only_flags(args)
+        if ignored:
+            print(f"warning: no GPU in use, so {', '.join(ignored)} has no effect "
+                  f"(the CPU KV cache is the engine's kv_cache_bytes)", file=sys.stderr)
     model_dir = args.model_dir or default_model_dir()
     engines = engines_per_instance(args.model_repository, model_names(args))
     placements = plan_placements(gpus, args.instances, weight_bytes(model_dir) if gpus else 0,
@@ -129,6 +134,18 @@ def plan(args: argparse.Namespace) -> list[Placement]:
                              f"({min(p.kv_cache_bytes for p in placements) / GIB:.1f} GiB)")
         placements = [replace(p, kv_cache_bytes=wanted) for p in placements]
     return placements
+
+
+def gpu_only_flags(args: argparse.Namespace) -> list[str]:
+    """The GPU memory flags given with values other than their defaults."""
+    given = []
+    if args.gpu_kv_cache_gb is not None:
+        given.append("--gpu-kv-cache-gb")
+    if args.gpu_memory_fraction != DEFAULT_MEMORY_FRACTION:
+        given.append("--gpu-memory-fraction")
+    if args.gpu_reserve_gb != DEFAULT_RESERVE_BYTES / GIB:
+        given.append("--gpu-reserve-gb")
+    return given
 
 
 def model_names(args: argparse.Namespace) -> list[str]:
