@@ -55,8 +55,9 @@ def in_process_engine_parameters(model_dir: str | Path,
 def hosts_engine(parameters: dict[str, str]) -> bool:
     """Whether a model with these config parameters runs an engine in its own process:
     `engine` (it has the engine's settings) or `llm` without an `engine_model` to call."""
-    return "kv_cache_bytes" in parameters or (
-        "engine_config" in parameters and not parameters.get("engine_model"))
+    if "engine_model" in parameters:  # `llm`: its own engine unless it calls one
+        return not parameters["engine_model"]
+    return "kv_cache_bytes" in parameters
 
 
 def input_arrays(request: Any) -> dict[str, np.ndarray]:

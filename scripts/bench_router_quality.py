@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Routing quality: each router policy in front of the same fleet of engines, same workloads.
 
-A fleet of N (default 3) tritonservers serves the real models `engine` + `llm` with prefix
-caching on and a deliberately small KV-cache pool per instance: it holds --cache-fraction
-(default 0.4) of the workload's shared prompts as whole requests, the running ones included,
-so no instance can cache every prefix but the fleet can when the prefixes are partitioned.
+A fleet of N (default 3) tritonservers serves the real model `llm` (its engine in process)
+with prefix caching on and a deliberately small KV-cache pool per instance: it holds
+--cache-fraction (default 0.4) of the workload's shared prompts as whole requests, the running
+ones included, so no instance can cache every prefix but the fleet can when the prefixes are
+partitioned.
 That is the regime where cache-aware routing pays; with a large pool every policy ends up
 with every prefix everywhere.
 
@@ -864,7 +865,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         title, "",
         f"Every router policy in front of the same fleet of {sz['instances']} tritonservers "
-        f"(models `engine` + `llm`, SmolLM2-135M on the CPU, prefix caching on, "
+        f"(model `llm` with its engine in process, SmolLM2-135M on the CPU, prefix caching on, "
         f"{sz['engine_threads']} torch thread each), with cold caches for every run (engine "
         f"reloaded, fresh router). Machine: {m.get('nproc')} cores, "
         f"{m.get('cpu_model', 'unknown CPU')}, {m.get('date')}.", "",
@@ -993,19 +994,20 @@ def report_notes(sizes: Sizes) -> list[str]:
         f"the CPU "
         f"is slow (a few ms per token), which is exactly the work a prefix hit saves, so "
         f"hit rate drives TTFT and throughput here more than on a GPU.",
-        "Each run starts cold: the `engine` model is unloaded and loaded again on every "
+        "Each run starts cold: the `llm` model (and so its engine) is unloaded and loaded "
+        "again on every "
         "instance (a new KV pool with an empty prefix cache; `--restart-each-run` restarts "
         "the tritonservers instead) and the router is a new process (empty radix tree and "
         "session table); each instance then gets one short warm-up request sent to it "
         "directly, the same for every policy and excluded from the counters.",
-        "Fleet CPU-s / request: CPU-seconds the tritonservers (engine, llm, stubs) and the "
+        "Fleet CPU-s / request: CPU-seconds the tritonservers (with their model stubs) and the "
         "router used during the run, per request the engines finished; RR / this > 1 means "
         "the policy left the fleet less work per request than round_robin. It moves much "
         "less than tok/s and TTFT when other work shares the cores (though contention "
         "inflates it too, by ~10-15% here). It understates the gain in throughput at a fixed "
         "concurrency, which also depends on latency: a prefill stalls every decode in its "
-        "engine (no chunked prefill), and per-request costs (tokenizing, the per-token BLS "
-        "hop, decode) do not shrink with cache hits.",
+        "engine (no chunked prefill), and per-request costs (tokenizing, sending each "
+        "token, decode) do not shrink with cache hits.",
         f"Wall-clock verdicts (tok/s, TTFT) between two runs are \"inconclusive\" when other "
         f"work during them differed by more than {CONTENTION_GAP:g} cores in the direction "
         f"that could explain the outcome; hit-rate verdicts are engine counts and always "

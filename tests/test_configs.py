@@ -400,3 +400,25 @@ def test_engine_streams(engine_path: Path) -> None:
 def test_python_models_present() -> None:
     for name in ("preprocessing", "postprocessing"):
         assert (MODEL_REPOSITORY / name / "1" / "model.py").is_file()
+
+
+def test_llm_in_process_engine_takes_the_engine_config_and_its_own_overrides(tmp_path: Path):
+    from python_backends.triton_glue import hosts_engine, in_process_engine_parameters
+
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "config.pbtxt").write_text(
+        (MODEL_REPOSITORY / "engine" / "config.pbtxt").read_text())
+    llm = {"engine_model": "", "engine_config": "engine", "max_num_seqs": "8",
+           "kv_cache_bytes": ""}
+    merged = in_process_engine_parameters(tmp_path / "llm", llm)
+    engine = config_parameters(MODEL_REPOSITORY / "engine" / "config.pbtxt")
+    assert merged["max_num_seqs"] == "8"  # llm's own value wins
+    assert merged["kv_cache_bytes"] == engine["kv_cache_bytes"]  # empty: the engine's
+    assert in_process_engine_parameters(tmp_path / "llm", {"engine_config": "none"}) == {
+        "engine_config": "none"}  # no such model: llm's own parameters only
+    # Which models run an engine in their own process: serve sizes GPU memory by this.
+    shipped = {name: hosts_engine(config_parameters(MODEL_REPOSITORY / name / "config.pbtxt"))
+               for name in ("engine", "llm", "preprocessing", "postprocessing", "ensemble")}
+    assert shipped == {"engine": True, "llm": True, "preprocessing": False,
+                       "postprocessing": False, "ensemble": False}
+    assert not hosts_engine({**llm, "engine_model": "engine"})  # BLS mode
