@@ -31,7 +31,7 @@ class EngineService:
             parameters["model_dir"] = str(default_model_dir())
         config = EngineConfig.from_parameters(parameters)
         engine = LLMEngine(config)
-        loop = EngineLoop(engine)
+        loop = EngineLoop(engine, output_thread=config.output_thread)
         metrics = EngineMetrics(pb_utils, labels)
         loop.on_step = lambda served: metrics.update(served, loop)
         loop.start()

@@ -162,9 +162,11 @@ def test_chunked_prefill_gives_identical_tokens(model_dir, reference, tokenizer)
     assert chunked.stats.prefill_steps > len(PROMPTS)  # prompts did span several steps
 
 
-def test_a_sink_returning_false_ends_its_request_at_once(engine, reference):
+@pytest.mark.parametrize("output_thread", [False, True], ids=["inline", "sender-thread"])
+def test_a_sink_returning_false_ends_its_request_at_once(engine, reference, output_thread):
     """How `llm` stops the engine when a stop string ends the text: its sink says so, the
-    slot is freed in the same iteration and nothing more is delivered."""
+    slot is freed (at once inline; at the next iteration with the sender thread) and nothing
+    more is delivered."""
     import threading
     import time
 
@@ -180,7 +182,7 @@ def test_a_sink_returning_false_ends_its_request_at_once(engine, reference):
             return False
         return None
 
-    loop = EngineLoop(engine).start()
+    loop = EngineLoop(engine, output_thread=output_thread).start()
     try:
         loop.submit("sink-stops", reference[PROMPTS[0]][0], SamplingParams(max_tokens=50), sink)
         assert stopped.wait(60)
@@ -192,3 +194,46 @@ def test_a_sink_returning_false_ends_its_request_at_once(engine, reference):
     assert len(calls) == 3 and not any(out.finished for out in calls)
     assert not engine.has_unfinished() and loop.num_live == 0 and loop.num_aborted == 1
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_sender_thread_delivers_in_order_and_never_polls_an_ended_request(engine, reference):
+    """Outputs reach each sink in order with the final one last, from the sender thread; a
+    request's is_cancelled is not asked after its sink got the final output."""
+    import threading
+    import time
+
+    from python_backends.engine.loop import EngineLoop
+
+    got: dict[str, list] = {"a": [], "b": []}
+    asked_after_end: list[str] = []
+    done = threading.Event()
+
+    def make(name):
+        def sink(out):
+            assert threading.current_thread().name == "engine-outputs"
+            got[name].append(out)
+            if all(outs and outs[-1].finished for outs in got.values()):
+                done.set()
+
+        def is_cancelled():
+            if got[name] and got[name][-1].finished:
+                asked_after_end.append(name)
+            return False
+        return sink, is_cancelled
+
+    loop = EngineLoop(engine, cancel_poll_interval_s=0.0, output_thread=True).start()
+    try:
+        for name, max_tokens in (("a", 5), ("b", 9)):
+            sink, is_cancelled = make(name)
+            loop.submit(name, reference[PROMPTS[1]][0],
+                        SamplingParams(max_tokens=max_tokens, ignore_eos=True), sink,
+                        is_cancelled=is_cancelled)
+        assert done.wait(60)
+        time.sleep(0.2)  # a few more loop iterations
+    finally:
+        loop.shutdown()
+    for name, n in (("a", 5), ("b", 9)):
+        outs = got[name]
+        assert sum(len(o.new_token_ids) for o in outs) == n
+        assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
+    assert not asked_after_end

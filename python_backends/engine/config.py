@@ -34,6 +34,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse the KV blocks of shared prompt prefixes
     enable_chunked_prefill: bool = False  # split long prompts over steps (token budget)
     enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps; CPU is always eager
+    # Served: hand each step's outputs to a sender thread, so that building and sending
+    # responses (detokenizing, for `llm`) overlaps the next step instead of delaying it.
+    # Off: on one H100 through `llm` (c=64) it did not raise tok/s beyond the noise and
+    # raised TTFT p50 from ~90 to ~240 ms (docs/benchmarks/gpu-notes.md).
+    output_thread: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

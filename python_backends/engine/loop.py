@@ -3,7 +3,11 @@
 Other threads `submit()` requests with a sink that receives each RequestOutput, and `stop()`
 them by their external id; the loop thread is the only one that touches the engine. Each
 iteration drains the inbox (so new requests join the running batch at once), polls
-cancellation, runs one engine step and hands outputs to the sinks.
+cancellation, runs one engine step and hands outputs to the sinks: directly, or with
+`output_thread` through a queue to a sender thread, which then builds and sends responses
+while the loop runs the next step (torch releases the GIL while it computes). Either way a
+request's outputs reach its sink in order, and its `is_cancelled` is never asked once its
+sink has ended it (Triton frees a request's state with its final response).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from python_backends.engine.engine import LLMEngine, RequestOutput
 from python_backends.engine.errors import EngineError
@@ -28,7 +32,7 @@ log = logging.getLogger(__name__)
 Sink = Callable[[RequestOutput], bool | None]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Submission:
     key: str
     external_id: str
@@ -38,10 +42,15 @@ class _Submission:
     sink: Sink
     is_cancelled: Callable[[], bool] | None
     on_error: Callable[[Exception], None]
+    # Set once the sink has had the request's last word (final output, False or an error);
+    # guarded by `lock`, which is also held while the sink or is_cancelled runs.
+    ended: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, cancel_poll_interval_s: float = 0.05) -> None:
+    def __init__(self, engine: LLMEngine, cancel_poll_interval_s: float = 0.05,
+                 output_thread: bool = False) -> None:
         self.engine = engine
         self.cancel_poll_interval_s = cancel_poll_interval_s
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
@@ -49,6 +58,12 @@ class EngineLoop:
         self._keys = itertools.count()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._outbox: queue.SimpleQueue[tuple[_Submission, object] | None] | None = None
+        self._sender: threading.Thread | None = None
+        if output_thread:
+            self._outbox = queue.SimpleQueue()
+            self._sender = threading.Thread(target=self._send_outputs, name="engine-outputs",
+                                            daemon=True)
         self._last_cancel_poll = 0.0
         self.num_aborted = 0  # requests ended early: cancelled, stopped or client gone
         # Called on the loop thread after every iteration, idle ones included (about every
@@ -56,6 +71,8 @@ class EngineLoop:
         self.on_step: Callable[[LLMEngine], None] | None = None
 
     def start(self) -> EngineLoop:
+        if self._sender is not None:
+            self._sender.start()
         self._thread.start()
         return self
 
@@ -92,6 +109,9 @@ class EngineLoop:
         self._inbox.put(("wake", None))
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+        if self._sender is not None and self._outbox is not None:
+            self._outbox.put(None)
+            self._sender.join(timeout_s)
 
     @property
     def num_live(self) -> int:
@@ -134,7 +154,7 @@ class EngineLoop:
             try:
                 self.engine.add_request(sub.key, sub.prompt_token_ids, sub.params, sub.priority)
             except EngineError as exc:
-                sub.on_error(exc)
+                self._emit(sub, exc)
                 return
             self._live[sub.key] = sub
         elif kind == "stop":
@@ -143,6 +163,8 @@ class EngineLoop:
                     self._finish_aborted(key)
         elif kind == "abort":
             self._finish_aborted(str(payload))
+        elif kind == "ended":  # its sink ended it on the sender thread: free the slot
+            self._finish_aborted(str(payload), notify=False)
 
     def _poll_cancellation(self) -> None:
         now = time.monotonic()
@@ -152,10 +174,13 @@ class EngineLoop:
         for key, sub in list(self._live.items()):
             if sub.is_cancelled is None:
                 continue
-            try:
-                cancelled = sub.is_cancelled()
-            except Exception:  # a dead client connection reads as cancelled
-                cancelled = True
+            with sub.lock:
+                if sub.ended:
+                    continue
+                try:
+                    cancelled = sub.is_cancelled()
+                except Exception:  # a dead client connection reads as cancelled
+                    cancelled = True
             if cancelled:
                 # Still send the final flag: Triton releases the request only then.
                 self._finish_aborted(key)
@@ -173,7 +198,7 @@ class EngineLoop:
             num_output_tokens=seq.num_output_tokens if seq else 0,
             num_cached_tokens=seq.num_cached_tokens if seq else 0,
         )
-        self._safe_sink(sub, out)
+        self._emit(sub, out)
 
     def _deliver(self, out: RequestOutput) -> None:
         sub = self._live.get(out.request_id)
@@ -181,24 +206,47 @@ class EngineLoop:
             return
         if out.finished:
             del self._live[out.request_id]
-        if not self._safe_sink(sub, out) and not out.finished:
+        self._emit(sub, out)
+
+    def _emit(self, sub: _Submission, item: RequestOutput | Exception) -> None:
+        """Hand an output (or the request's error) to its sink, now or on the sender thread."""
+        if self._outbox is not None:
+            self._outbox.put((sub, item))
+        elif not self._to_sink(sub, item):
             # The client is gone, or the sink is done with it: free the slot now rather than
             # decode for nobody.
-            self._finish_aborted(out.request_id, notify=False)
+            self._finish_aborted(sub.key, notify=False)
 
-    def _safe_sink(self, sub: _Submission, out: RequestOutput) -> bool:
-        """False when the request should end: the sink said so, or could not deliver."""
-        try:
-            return sub.sink(out) is not False
-        except Exception as exc:
-            log.warning("could not deliver output of %s: %s", sub.external_id, exc)
-            return False
+    def _send_outputs(self) -> None:
+        assert self._outbox is not None
+        while (entry := self._outbox.get()) is not None:
+            sub, item = entry
+            if not self._to_sink(sub, item):
+                self._inbox.put(("ended", sub.key))
+
+    def _to_sink(self, sub: _Submission, item: RequestOutput | Exception) -> bool:
+        """Run the sink (or on_error); False when a still running request should end: the
+        sink said so, or could not deliver."""
+        with sub.lock:
+            if sub.ended:
+                return True
+            if isinstance(item, Exception):
+                sub.ended = True
+                try:
+                    sub.on_error(item)
+                except Exception:
+                    log.exception("on_error failed for %s", sub.external_id)
+                return True
+            try:
+                keep = sub.sink(item) is not False
+            except Exception as exc:
+                log.warning("could not deliver output of %s: %s", sub.external_id, exc)
+                keep = False
+            sub.ended = item.finished or not keep
+            return keep or item.finished
 
     def _fail_all(self, exc: Exception) -> None:
         for key, sub in list(self._live.items()):
             self.engine.abort_request(key)
             self._live.pop(key, None)
-            try:
-                sub.on_error(exc)
-            except Exception:
-                log.exception("on_error failed for %s", sub.external_id)
+            self._emit(sub, exc)
