@@ -37,26 +37,28 @@ def config_parameters(config_path: str | Path) -> dict[str, str]:
     return {key: value for key, value in _PARAMETER.findall(text)}
 
 
-def sibling_model_parameters(model_dir: str | Path, name: str) -> dict[str, str]:
-    """Parameters of model `name` in the same repository as `model_dir` (Triton's
-    args["model_repository"] is the model's own folder)."""
-    return config_parameters(Path(model_dir).parent / name / "config.pbtxt")
+def engine_config_path(model_dir: str | Path, parameters: dict[str, str]) -> Path:
+    """The config.pbtxt of `llm`'s `engine_config` model, in the same repository as `llm`
+    (`model_dir` is llm's own folder, Triton's args["model_repository"])."""
+    return Path(model_dir).parent / (parameters.get("engine_config") or "engine") / "config.pbtxt"
 
 
 def in_process_engine_parameters(model_dir: str | Path,
                                  parameters: dict[str, str]) -> dict[str, str]:
-    """The settings of `llm`'s in-process engine: those of its `engine_config` model (the
-    `engine` model's config.pbtxt), overridden by `llm`'s own non-empty parameters."""
-    merged = sibling_model_parameters(model_dir, parameters.get("engine_config") or "engine")
+    """The settings of `llm`'s in-process engine: those of its `engine_config` model,
+    overridden by `llm`'s own non-empty parameters."""
+    merged = config_parameters(engine_config_path(model_dir, parameters))
     merged.update({key: value for key, value in parameters.items() if value})
     return merged
 
 
 def hosts_engine(parameters: dict[str, str]) -> bool:
     """Whether a model with these config parameters runs an engine in its own process:
-    `engine` (it has the engine's settings) or `llm` without an `engine_model` to call."""
-    if "engine_model" in parameters:  # `llm`: its own engine unless it calls one
-        return not parameters["engine_model"]
+    `engine` (it has the engine's settings) or `llm` without an `engine_model` to call.
+    `llm` is told apart by `engine_config`, which only it has (`postprocessing` has an
+    `engine_model` too: where its `stop` requests go)."""
+    if "engine_config" in parameters:
+        return not parameters.get("engine_model")
     return "kv_cache_bytes" in parameters
 
 

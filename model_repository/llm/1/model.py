@@ -21,9 +21,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from python_backends.contracts import InvalidRequestError, parse_engine_request, parse_text_request
+from python_backends.engine.sequence import FinishReason
 from python_backends.llm_pipeline import TextGeneration, engine_inputs, prompt_token_ids
 from python_backends.text import load_tokenizer, resolve_tokenizer_dir
 from python_backends.triton_glue import (
+    engine_config_path,
     in_process_engine_parameters,
     input_arrays,
     model_parameters,
@@ -96,6 +98,11 @@ class TritonPythonModel:
             from python_backends.engine_service import EngineService
 
             engine_params = in_process_engine_parameters(args["model_repository"], params)
+            if not engine_config_path(args["model_repository"], params).is_file():
+                pb_utils.Logger.log_warn(
+                    f"llm: engine_config {params.get('engine_config')!r} names no model config"
+                    f" in this repository; the engine runs with its defaults and llm's own "
+                    f"parameters")
             labels = {"model": args["model_name"], "version": str(args["model_version"])}
             self.service = EngineService.start(pb_utils, engine_params, labels)
             where = f"in process: {self.service.config.to_json()}"
@@ -133,7 +140,7 @@ class TritonPythonModel:
         generation = TextGeneration(self.tokenizer, parsed, len(prompt_ids))
 
         def sink(out):
-            if out.finish_reason is not None and out.finish_reason.value == "abort":
+            if out.finish_reason is FinishReason.ABORT:
                 sender.send(flags=FINAL)  # cancelled: Triton releases the request only now
                 return False
             reason = out.finish_reason.value if out.finished else None
