@@ -58,10 +58,9 @@ class Admission:
     async def acquire(self, request: RouteRequest, choose: Chooser,
                       timeout_s: float | None = None) -> Instance:
         """A seat on an instance chosen by `choose` among those with room for `request`."""
-        if not any(self.queues):
-            instance = self._place(request, choose)
-            if instance is not None:
-                return instance
+        instance = self.try_acquire(request, choose)
+        if instance is not None:
+            return instance
         if not self.pool.any_ready(request.model):
             raise AdmissionError(grpc.StatusCode.UNAVAILABLE,
                                  f"no healthy instance serves model '{request.model}'")
@@ -100,6 +99,12 @@ class Admission:
                 f"(max_queue_wait_s); retry later") from None
         finally:
             self._forget(waiter)
+
+    def try_acquire(self, request: RouteRequest, choose: Chooser) -> Instance | None:
+        """A seat now, without waiting; None when `acquire` would queue the request."""
+        if any(self.queues):
+            return None  # earlier waiters come first
+        return self._place(request, choose)
 
     def release(self, instance: Instance) -> None:
         self.pool.request_finished(instance)

@@ -18,7 +18,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from router.admin import AdminServer
-from router.config import ConfigError, DnsConfig, ModelRouting, RouterConfig, load_config
+from router.config import (
+    DATA_PLANES,
+    ConfigError,
+    DnsConfig,
+    ModelRouting,
+    RouterConfig,
+    load_config,
+)
 from router.instances import instance_configs
 from router.policies import POLICIES
 from router.server import Router
@@ -58,6 +65,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds a request may wait; then UNAVAILABLE (default 30)")
     parser.add_argument("--health-interval", type=float, dest="health_interval_s",
                         help="seconds between active health checks (default 2)")
+    parser.add_argument("--data-plane", choices=list(DATA_PLANES),
+                        help="who carries inference bytes: native (the C++ proxy, built by "
+                             "`make setup`), python (grpcio) or auto (native when built; "
+                             "default)")
     parser.add_argument("--event-loop", choices=["uvloop", "asyncio"], default="uvloop",
                         help="uvloop (default, when installed) costs less CPU per request "
                              "than asyncio's own loop")
@@ -80,7 +91,7 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         default_policy=args.policy,
         max_concurrency_per_instance=args.max_concurrency_per_instance,
         max_queue_length=args.max_queue_length, max_queue_wait_s=args.max_queue_wait_s,
-        health_interval_s=args.health_interval_s,
+        health_interval_s=args.health_interval_s, data_plane=args.data_plane,
         dns=DnsConfig(args.dns, args.dns_grpc_port, args.dns_metrics_port,
                       args.dns_interval) if args.dns else None,
     )
@@ -101,9 +112,9 @@ async def serve(config: RouterConfig) -> None:
         loop.add_signal_handler(signum, stop.set)
     healthy = sum(i.healthy for i in router.pool.instances.values())
     log.info("router listening: gRPC %s:%d, metrics/health/admin http://%s:%d "
-             "(%d of %d instances healthy; policy %s)", config.host, router.grpc_port,
-             config.host, admin.port, healthy, len(router.pool.instances),
-             config.default_policy)
+             "(%d of %d instances healthy; policy %s; %s data plane)", config.host,
+             router.grpc_port, config.host, admin.port, healthy, len(router.pool.instances),
+             config.default_policy, router.data_plane)
     try:
         await stop.wait()
         log.info("stopping: finishing in-flight requests (5 s at most) ...")

@@ -5,6 +5,7 @@ grpc_port = 8001
 metrics_port = 8002
 default_policy = "hybrid"
 max_concurrency_per_instance = 32
+data_plane = "auto"              # native (C++ proxy) when built, else python
 
 [[instances]]
 address = "127.0.0.1:9001"      # gRPC
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from router.policies import POLICIES, create_policy
+
+DATA_PLANES = ("auto", "native", "python")
 
 
 class ConfigError(ValueError):
@@ -90,6 +93,9 @@ class RouterConfig:
     load_poll_interval_s: float = 1.0  # engine metrics scrape, for instances with `metrics`
     retry_on_failure: bool = True  # once, on another instance, before any response byte
     drain_timeout_s: float = 600.0  # a drained instance is dropped after this even if busy
+    # Who carries inference traffic: "native" (the C++ proxy in router/native, routing
+    # still decided here), "python" (grpcio alone), or "auto" (native when it is built).
+    data_plane: str = "auto"
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -100,6 +106,9 @@ class RouterConfig:
         for name in ("max_concurrency_per_instance", "eject_after_failures"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.data_plane not in DATA_PLANES:
+            raise ConfigError(f"data_plane must be one of {DATA_PLANES}, got "
+                              f"{self.data_plane!r}")
         if self.max_queue_length < 0:
             raise ConfigError(f"max_queue_length must be >= 0, got {self.max_queue_length}")
         for name in ("max_queue_wait_s", "health_interval_s", "health_timeout_s",

@@ -16,10 +16,11 @@ import grpc
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2
 
-from router import __version__
-from router.admission import Admission, AdmissionError
+from router import __version__, dataplane
+from router.admission import Admission, AdmissionError, Chooser
 from router.aggregate import merge_repository_index, merge_statistics
 from router.config import RouterConfig
+from router.dataplane import NativeDataPlane
 from router.instances import Instance, InstancePool
 from router.metrics import RouterMetrics
 from router.policies import create_policy
@@ -59,21 +60,46 @@ class Router:
         self._policies: dict[str, tuple[str, Policy]] = {}
         self.server: grpc.aio.Server | None = None
         self.grpc_port: int | None = None
+        self.data_plane = self._data_plane_choice()
+        self._native: NativeDataPlane | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
+    def _data_plane_choice(self) -> str:
+        wanted = self.config.data_plane
+        if wanted == "auto":
+            if dataplane.available():
+                return "native"
+            log.info("native data plane not built (%s); inference goes through grpcio",
+                     dataplane.IMPORT_ERROR)
+            return "python"
+        if wanted == "native" and not dataplane.available():
+            raise OSError(f"data_plane = \"native\" but it is not built "
+                          f"({dataplane.IMPORT_ERROR}); run `make setup`")
+        return wanted
+
     async def start(self) -> Router:
+        native = self.data_plane == "native"
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.server.add_generic_rpc_handlers([self._handlers()])
-        address = f"{self.config.host}:{self.config.grpc_port}"
-        self.grpc_port = self.server.add_insecure_port(address)
-        if not self.grpc_port:
+        public = f"{self.config.host}:{self.config.grpc_port}"
+        # With the native proxy in front, this server only answers what it passes on.
+        address = "127.0.0.1:0" if native else public
+        port = self.server.add_insecure_port(address)
+        if not port:
             raise OSError(f"cannot listen on {address} (in use?)")
         self.pool.start()
         await self.pool.check_all()  # know who is ready before the first request
         await self.server.start()
+        if native:
+            self._native = NativeDataPlane(self)
+            self.grpc_port = self._native.start(public, f"127.0.0.1:{port}")
+        else:
+            self.grpc_port = port
         return self
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        if self._native is not None:
+            await self._native.stop(grace_s)
         if self.server is not None:
             await self.server.stop(grace_s)
         await self.pool.stop()
@@ -96,21 +122,27 @@ class Router:
         hit.observe(decision.estimated_cache_hit)
         return self.pool.instances[decision.instance]
 
-    async def admit(self, request: RouteRequest, context: grpc.aio.ServicerContext,
-                    exclude: Instance | None = None) -> Instance:
-        """A seat on an instance; `exclude` is the one that just failed (retries)."""
+    def chooser(self, exclude: Instance | None = None) -> Chooser:
+        """`choose`, avoiding `exclude` (the instance that just failed: retries)."""
+        if exclude is None:
+            return self.choose
 
         def choose(request: RouteRequest, candidates: Sequence[Instance]) -> Instance:
-            if exclude is not None and len(candidates) > 1:
+            if len(candidates) > 1:
                 candidates = [c for c in candidates if c is not exclude]
             return self.choose(request, candidates)
 
-        return await self.admission.acquire(request, choose, context.time_remaining())
+        return choose
+
+    async def admit(self, request: RouteRequest, time_remaining_s: float | None,
+                    exclude: Instance | None = None) -> Instance:
+        """A seat on an instance, waiting in the priority queues when all are full."""
+        return await self.admission.acquire(request, self.chooser(exclude), time_remaining_s)
 
     def finish(self, instance: Instance, model: str, outcome: str,
-               error: grpc.aio.AioRpcError | None = None) -> None:
+               transport_failure: bool = False) -> None:
         self.admission.release(instance)
-        if error is not None and error.code() in TRANSPORT_FAILURES:
+        if transport_failure:
             self.pool.record_failure(instance)
         elif outcome == "ok":
             self.pool.record_success(instance)
@@ -134,9 +166,9 @@ class Router:
         failed: Instance | None = None
         while True:
             try:
-                instance = await self.admit(route, context, exclude=failed)
+                instance = await self.admit(route, context.time_remaining(), exclude=failed)
             except AdmissionError as exc:
-                self._count_rejected(route.model)
+                self.count_rejected(route.model)
                 await context.abort(exc.code, str(exc))
             try:
                 response = await instance.unary("ModelInfer")(
@@ -144,7 +176,8 @@ class Router:
             except grpc.aio.AioRpcError as exc:
                 retry = (failed is None and self.config.retry_on_failure
                          and exc.code() in TRANSPORT_FAILURES)
-                self.finish(instance, route.model, "retried" if retry else "error", exc)
+                self.finish(instance, route.model, "retried" if retry else "error",
+                            exc.code() in TRANSPORT_FAILURES)
                 if retry:
                     log.warning("retrying a %s request: %s failed with %s", route.model,
                                 instance.name, exc.code().name)
@@ -164,7 +197,7 @@ class Router:
     async def model_stream_infer(self, request_iterator, context: grpc.aio.ServicerContext):
         await StreamSession(self, context).run()
 
-    def _count_rejected(self, model: str) -> None:
+    def count_rejected(self, model: str) -> None:
         self.metrics.request_counter(model, "", self.policy_for(model)[0], "rejected").inc()
 
     # -- server and model control ---------------------------------------------------------

@@ -112,9 +112,10 @@ class StreamSession:
     async def _dispatch(self, request: _Request, exclude: Instance | None) -> None:
         router = self.router
         try:
-            instance = await router.admit(request.route, self.context, exclude=exclude)
+            instance = await router.admit(request.route, self.context.time_remaining(),
+                                          exclude=exclude)
         except AdmissionError as exc:
-            router._count_rejected(request.route.model)
+            router.count_rejected(request.route.model)
             await self._fail(request, str(exc))
             return
         request.instance = instance
@@ -197,7 +198,7 @@ class StreamSession:
                  and self.router.config.retry_on_failure and code in TRANSPORT_FAILURES)
         detail = error.details() if error is not None else "the stream ended early"
         self.router.finish(instance, request.route.model, "retried" if retry else "error",
-                           error)
+                           code in TRANSPORT_FAILURES)
         if retry:
             log.warning("retrying a %s request: %s failed (%s)", request.route.model,
                         instance.name, detail)

@@ -66,7 +66,11 @@ from python_backends.tools.triton_server import TritonServer, free_port  # noqa:
 TEST_MODEL_REPOSITORY = REPO_ROOT / "tests" / "model_repository"
 PERF_ANALYZER = TOOLS_DIR / "bin" / "perf_analyzer"
 PERF_ANALYZER_LIBS = TOOLS_DIR / "cudart" / "nvidia" / "cuda_runtime" / "lib"
-TARGETS = ("direct", "nginx", "router")
+TARGETS = ("direct", "nginx", "router", "router_python")
+PROXIES = TARGETS[1:]
+# The router as users get it (the native data plane, which `make setup` builds), and the
+# same router with grpcio carrying the bytes, as a reference.
+ROUTER_DATA_PLANES = {"router": "native", "router_python": "python"}
 MODES = {"unary": {"model": "echo", "streaming": False},
          "streaming": {"model": "echo_stream", "streaming": True}}
 DEFAULT_CONCURRENCY = (1, 4, 16)
@@ -332,7 +336,7 @@ class Bench:
         self.args, self.artifact_dir, self.stack = args, artifact_dir, stack
         self.triton: TritonServer | None = None
         self.nginx: Nginx | None = None
-        self.router: RouterProcess | None = None
+        self.routers: dict[str, RouterProcess] = {}
         self.inputs: dict[str, Path] = {}
         self.run_index = 0
 
@@ -357,31 +361,39 @@ class Bench:
         self.nginx.wait_ready()
         # A copy of the config next to the other artifacts (the temporary folder goes).
         shutil.copy2(self.nginx.conf, a / "nginx.conf")
-        self.router = RouterProcess(instances=[self.triton.grpc_url], extra_args=ROUTER_ARGS,
-                                    log_path=a / "router-echo.log")
-        log("starting the router ...")
-        self.router.start()
-        self.stack.callback(self.router.stop)
-        self.router.wait_ready(healthy_instances=1)
+        for target, data_plane in ROUTER_DATA_PLANES.items():
+            router = RouterProcess(instances=[self.triton.grpc_url],
+                                   extra_args=(*ROUTER_ARGS, "--data-plane", data_plane),
+                                   log_path=a / f"{target}-echo.log")
+            log(f"starting the router ({data_plane} data plane) ...")
+            router.start()
+            self.stack.callback(router.stop)
+            router.wait_ready(healthy_instances=1)
+            self.routers[target] = router
         self.inputs = write_input_data(a)
         for target in TARGETS:
             check_echo(self.url(target))
-        log(f"direct {self.url('direct')}, nginx {self.url('nginx')}, router "
-            f"{self.url('router')}: each answers `echo`")
+        log(", ".join(f"{t} {self.url(t)}" for t in TARGETS) + ": each answers `echo`")
         return {"nginx_version": self.nginx.version(),
                 "nginx_config": be.display_path(a / "nginx.conf"),
                 "nginx_config_text": self.nginx.conf.read_text().replace(str(workdir),
                                                                          "$NGINX_TMPDIR"),
-                "router_command": portable(self.router.command())}
+                "router_command": portable(self.routers["router"].command()),
+                "router_python_command": portable(self.routers["router_python"].command())}
+
+    @property
+    def router(self) -> RouterProcess:
+        return self.routers["router"]
 
     def url(self, target: str) -> str:
-        assert self.triton and self.nginx and self.router
-        return {"direct": self.triton.grpc_url, "nginx": self.nginx.grpc_url,
-                "router": self.router.grpc_url}[target]
+        assert self.triton and self.nginx
+        if target in self.routers:
+            return self.routers[target].grpc_url
+        return {"direct": self.triton.grpc_url, "nginx": self.nginx.grpc_url}[target]
 
     def proxy_pgid(self, target: str) -> int | None:
-        proc = {"nginx": self.nginx and self.nginx.process,
-                "router": self.router and self.router.process}.get(target)
+        proc = (self.routers[target].process if target in self.routers
+                else self.nginx and self.nginx.process if target == "nginx" else None)
         return proc.pid if proc else None
 
     # -- one measurement ------------------------------------------------------------------
@@ -405,7 +417,7 @@ class Bench:
                           log=be.display_path(log_path))
             model = MODES[mode]["model"]
             count_before = success_count(self.triton.grpc_url, model)
-            cpu_before = {t: group_cpu_seconds(pgid) for t in ("nginx", "router")
+            cpu_before = {t: group_cpu_seconds(pgid) for t in PROXIES
                           if (pgid := self.proxy_pgid(t))}
             triton_before = group_cpu_seconds(self.triton.process.pid)
             client_before = children_cpu_seconds()
@@ -518,7 +530,7 @@ def summarize(runs: list[dict[str, Any]], concurrency: list[int]) -> list[dict[s
                 row["targets"][target] = stats
             t = row["targets"]
             direct = t["direct"]
-            for target in ("nginx", "router"):
+            for target in PROXIES:
                 p50 = t[target]["p50_us"]
                 t[target]["added_p50_us"] = (None if p50 is None or direct["p50_us"] is None
                                              else p50 - direct["p50_us"])
@@ -528,6 +540,10 @@ def summarize(runs: list[dict[str, Any]], concurrency: list[int]) -> list[dict[s
             row["added_p50_ratio"] = ratio(router_added, nginx_added)
             row["router_throughput_vs_nginx"] = ratio(t["router"]["throughput"],
                                                       t["nginx"]["throughput"])
+            row["router_python_added_p50_ratio"] = ratio(t["router_python"]["added_p50_us"],
+                                                         nginx_added)
+            row["router_python_throughput_vs_nginx"] = ratio(t["router_python"]["throughput"],
+                                                             t["nginx"]["throughput"])
             if router_added is None or nginx_added is None:
                 row["latency_target"] = "not measured"
             else:
@@ -640,11 +656,11 @@ def profile_child(bench: Bench, py_spy: str, mode: str, raw: Path,
     main_router = bench.router
     try:
         router.wait_ready(healthy_instances=1)
-        bench.router = router  # measure() uses its URL; CPU time includes py-spy's
+        bench.routers["router"] = router  # measure() uses its URL; CPU includes py-spy's
         measurement = bench.measure(mode, "router", PROFILE_CONCURRENCY, "profile",
                                     window_ms=bench.args.window_ms * PROFILE_WINDOW_FACTOR)
     finally:
-        bench.router = main_router
+        bench.routers["router"] = main_router
         # Stop the router (py-spy's child): py-spy then writes the profile and exits.
         for pid in child_pids(spy.pid):
             with contextlib.suppress(ProcessLookupError):
@@ -1006,7 +1022,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f" (`grpc_pass`, upstream keepalive; config in `router_overhead.json`), on trivial "
         f"Python-backend models from `tests/model_repository`: perf_analyzer, "
         f"{s['window_ms']} ms windows, stability {s['stability']}%, median of "
-        f"{s['rounds']} round(s) with the three targets measured side by side.",
+        f"{s['rounds']} round(s) with the targets measured side by side. `router` is the "
+        f"router as shipped (native data plane: the C++ proxy in `router/native/` carries the "
+        f"bytes, Python routes); `router_python` is the same router with `--data-plane "
+        f"python` (grpcio carries the bytes), for reference; the targets are judged on "
+        f"`router`.",
         "",
         f"Machine: {m.get('nproc')} cores ({m.get('cpu_model', 'unknown CPU')}), shared by "
         f"perf_analyzer, nginx, the router and Triton, so numbers are noisy; compare within "
@@ -1037,14 +1057,17 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [
             "",
             f"| c | router added p50 / nginx added p50 (target <= {LATENCY_TARGET_RATIO:g}x) "
-            f"| router throughput / nginx (target >= {THROUGHPUT_TARGET_FRACTION:.0%}) |",
-            "|---:|---:|---:|",
+            f"| router throughput / nginx (target >= {THROUGHPUT_TARGET_FRACTION:.0%}) "
+            f"| router_python: added p50 / nginx's, throughput / nginx |",
+            "|---:|---:|---:|---:|",
         ]
         for row in (r for r in rows if r["mode"] == mode):
             lines.append(
                 f"| {row['concurrency']} | {_f(row['added_p50_ratio'], 2, 'x')} "
                 f"**{row['latency_target']}** | {_pct(row['router_throughput_vs_nginx'])} "
-                f"**{row['throughput_target']}** |")
+                f"**{row['throughput_target']}** "
+                f"| {_f(row.get('router_python_added_p50_ratio'), 2, 'x')}, "
+                f"{_pct(row.get('router_python_throughput_vs_nginx'))} |")
     failed = [r for r in report["trivial_runs"] if "error" in r]
     if failed:
         lines += ["", "Runs that produced no numbers:", ""]

@@ -86,6 +86,9 @@ if [[ ! -x "$GENAI/bin/genai-perf" ]]; then
 fi
 echo "perf_analyzer and genai-perf ready in $TOOLS"
 
+step "Router's native data plane (C++, gRPC)"
+PY="$PY" bash scripts/build_native.sh
+
 step "Model weights cache (SmolLM2-135M-Instruct, GGUF -> safetensors)"
 "$PY" -m python_backends.tools.prepare_weights
 

@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 
 from python_backends.paths import REPO_ROOT
 from python_backends.tools.router_process import RouterProcess
 from python_backends.tools.triton_server import TritonServer
+from router import dataplane
 
 from .client import i32, text
 
@@ -85,6 +87,15 @@ def running_router(instances: Sequence[str], log_dir: Path, *args: str,
         yield router
     finally:
         router.stop()
+
+
+# Both ways the router carries inference bytes; tests that take `data_plane` run with each.
+DATA_PLANES = [
+    pytest.param("native", marks=pytest.mark.skipif(
+        not dataplane.available(),
+        reason=f"native data plane not built: {dataplane.IMPORT_ERROR}")),
+    "python",
+]
 
 
 def echo_inputs(prompt: str = "hello", delay_ms: int = 0, count: int | None = None) -> list:

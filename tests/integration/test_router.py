@@ -17,7 +17,15 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from .client import Stream
-from .router_fleet import EchoFleet, echo, echo_inputs, echoed_text, running_router, served_by
+from .router_fleet import (
+    DATA_PLANES,
+    EchoFleet,
+    echo,
+    echo_inputs,
+    echoed_text,
+    running_router,
+    served_by,
+)
 
 pytestmark = pytest.mark.server
 
@@ -31,9 +39,11 @@ def fleet(tmp_path_factory) -> Iterator[EchoFleet]:
         fleet.stop()
 
 
-@pytest.fixture(scope="module")
-def router(fleet):
-    with running_router(fleet.urls(), fleet.log_dir, "--policy", "round_robin") as router:
+@pytest.fixture(scope="module", params=DATA_PLANES)
+def router(fleet, request):
+    """The router in front of the fleet, once per data plane (native C++ and grpcio)."""
+    with running_router(fleet.urls(), fleet.log_dir, "--policy", "round_robin",
+                        "--data-plane", request.param) as router:
         yield router
 
 

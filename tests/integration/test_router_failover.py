@@ -12,7 +12,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from .client import Stream, StreamError
-from .router_fleet import EchoFleet, echo, echo_inputs, running_router, served_by
+from .router_fleet import DATA_PLANES, EchoFleet, echo, echo_inputs, running_router, served_by
 
 pytestmark = pytest.mark.server
 
@@ -40,9 +40,11 @@ def _wait(predicate, deadline_s: float, what: str) -> None:
     raise AssertionError(what)
 
 
-def test_killing_an_instance_loses_no_request(fleet):
+@pytest.mark.parametrize("data_plane", DATA_PLANES)
+def test_killing_an_instance_loses_no_request(fleet, data_plane):
     a, b = fleet.urls(["a", "b"])
-    with running_router([a, b], fleet.log_dir, "--policy", "round_robin") as router:
+    with running_router([a, b], fleet.log_dir, "--policy", "round_robin",
+                        "--data-plane", data_plane) as router:
         # Streams that will have sent tokens when `a` dies, spread over both instances.
         streams = []
         for i in range(4):

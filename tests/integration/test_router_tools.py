@@ -14,7 +14,7 @@ import pytest
 from python_backends.paths import REPO_ROOT, TOOLS_DIR, default_model_dir
 
 from .client import Stream, llm_inputs
-from .router_fleet import EchoFleet, running_router
+from .router_fleet import DATA_PLANES, EchoFleet, running_router
 
 pytestmark = pytest.mark.server
 
@@ -59,12 +59,12 @@ def test_genai_perf_runs_against_the_router(llm_router, tmp_path):
     assert report["ttft_ms"]["avg"] > 0
 
 
-@pytest.fixture(scope="module")
-def echo_router(tmp_path_factory) -> Iterator:
+@pytest.fixture(scope="module", params=DATA_PLANES)
+def echo_router(tmp_path_factory, request) -> Iterator:
     fleet = EchoFleet(tmp_path_factory.mktemp("echo-tools")).start(["a", "b"])
     try:
-        with running_router(fleet.urls(), fleet.log_dir, "--policy",
-                            "least_connections") as router:
+        with running_router(fleet.urls(), fleet.log_dir, "--policy", "least_connections",
+                            "--data-plane", request.param) as router:
             yield router
     finally:
         fleet.stop()

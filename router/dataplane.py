@@ -1,0 +1,187 @@
+"""The native data plane: inference bytes through a C++ gRPC proxy, decisions made here.
+
+`router/native/dataplane.cc` (built by `make setup` into `router/_dataplane*.so`) listens on
+the router's public gRPC port. It forwards `ModelInfer` and each request of a
+`ModelStreamInfer` to the instance this module names, relays the responses as the instance
+sent them, and passes every other method to the router's own grpcio server, which then
+listens on a loopback port. Requests reach this module as events on an eventfd that the
+event loop watches, so routing, admission, health and metrics keep running on the one
+event-loop thread exactly as with the pure-Python path (`server.py`, `streaming.py`); only
+the per-byte work moves to C++.
+
+Behaviour differences from the Python path: each streamed request gets an upstream stream
+of its own (the Python path shares one per instance for requests with ids), so the end of
+that stream marks the request's end and responses are never parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from router.admission import AdmissionError
+from router.instances import Instance
+from router.policies.base import RouteRequest
+from router.request_info import BadRequest, parse_request
+from router.wire import TRANSPORT_FAILURES
+
+if TYPE_CHECKING:
+    from router.server import Router
+
+try:
+    from router import _dataplane as native
+except ImportError as exc:  # not built (no C++ toolchain or gRPC C++ headers)
+    native = None
+    IMPORT_ERROR: str | None = str(exc)
+else:
+    IMPORT_ERROR = None
+
+log = logging.getLogger("router.dataplane")
+
+ROUTE, ENDED, LOST = 0, 1, 2
+STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
+TRANSPORT_CODES = frozenset(code.value[0] for code in TRANSPORT_FAILURES)
+CANCELLED = grpc.StatusCode.CANCELLED.value[0]
+
+
+def available() -> bool:
+    return native is not None
+
+
+@dataclass(eq=False, slots=True)
+class _Call:
+    route: RouteRequest
+    request_id: str
+    streaming: bool
+    time_remaining_s: float | None
+    received: float
+    instance: Instance | None = None
+
+
+class NativeDataPlane:
+    def __init__(self, router: Router) -> None:
+        if native is None:
+            raise RuntimeError(f"the native data plane is not built ({IMPORT_ERROR}); run "
+                               "`make setup`, or use data_plane = \"python\"")
+        self.router = router
+        self.calls: dict[int, _Call] = {}
+        self._fd: int | None = None
+        self._handlers = {ROUTE: self._on_route, ENDED: self._on_ended, LOST: self._on_lost}
+
+    def start(self, listen_address: str, control_address: str) -> int:
+        """Listen on `listen_address`; other methods go to `control_address`. The port."""
+        port, self._fd = native.start(listen_address, control_address,
+                                      self.router.config.retry_on_failure)
+        asyncio.get_running_loop().add_reader(self._fd, self._drain)
+        return port
+
+    async def stop(self, grace_s: float) -> None:
+        if self._fd is None:
+            return
+        loop = asyncio.get_running_loop()
+        # Keep handling events while the proxy finishes what is in flight.
+        await loop.run_in_executor(None, native.stop, grace_s)
+        loop.remove_reader(self._fd)
+        self._drain()
+        self._fd = None
+
+    def _drain(self) -> None:
+        for event in native.take_events():
+            try:
+                self._handlers[event[0]](*event[1:])
+            except Exception:  # one bad event must not stop the router's routing
+                log.exception("native data plane event %r failed", event[:2])
+
+    # -- events ---------------------------------------------------------------------------
+    def _on_route(self, call_id: int, raw: bytes, metadata: tuple, time_remaining_s,
+                  streaming: bool) -> None:
+        try:
+            message, route = parse_request(raw, metadata)
+        except (DecodeError, BadRequest) as exc:
+            request_id, model = _ids(raw)
+            text = f"invalid request: {exc}" if streaming else str(exc)
+            native.reject(call_id, grpc.StatusCode.INVALID_ARGUMENT.value[0], text,
+                          request_id, model)
+            return
+        call = _Call(route, message.id, streaming, time_remaining_s, time.monotonic())
+        self.calls[call_id] = call
+        self._admit(call_id, call, exclude=None)
+
+    def _admit(self, call_id: int, call: _Call, exclude: Instance | None) -> None:
+        instance = self.router.admission.try_acquire(call.route, self.router.chooser(exclude))
+        if instance is not None:
+            self._forward(call_id, call, instance)
+        else:
+            asyncio.get_running_loop().create_task(self._wait_for_seat(call_id, call, exclude))
+
+    async def _wait_for_seat(self, call_id: int, call: _Call,
+                             exclude: Instance | None) -> None:
+        remaining = call.time_remaining_s
+        if remaining is not None:
+            remaining -= time.monotonic() - call.received
+        try:
+            instance = await self.router.admit(call.route, remaining, exclude)
+        except AdmissionError as exc:
+            self.calls.pop(call_id, None)
+            self.router.count_rejected(call.route.model)
+            native.reject(call_id, exc.code.value[0], str(exc), call.request_id,
+                          call.route.model)
+            return
+        self._forward(call_id, call, instance)
+
+    def _forward(self, call_id: int, call: _Call, instance: Instance) -> None:
+        call.instance = instance
+        if not native.forward(call_id, instance.name, call.request_id, call.route.model):
+            # The proxy is stopping and has already answered the client.
+            self.calls.pop(call_id, None)
+            self.router.finish(instance, call.route.model, "cancelled")
+
+    def _on_ended(self, call_id: int, code: int, details: str, responses: int,
+                  latency_s: float, ttft_s: float | None, error_in_stream: bool) -> None:
+        call = self.calls.pop(call_id, None)
+        if call is None or call.instance is None:
+            return
+        model = call.route.model
+        if code == CANCELLED:
+            outcome = "cancelled"
+        elif code or error_in_stream:
+            outcome = "error"
+        else:
+            outcome = "ok"
+        self.router.finish(call.instance, model, outcome, code in TRANSPORT_CODES)
+        latency, ttft, streamed = self.router.metrics.model_children(model)
+        if call.streaming and responses:
+            streamed.inc(responses)
+        if code == 0:
+            latency.observe(latency_s)
+            if ttft_s is not None:
+                ttft.observe(ttft_s)
+
+    def _on_lost(self, call_id: int, code: int, details: str) -> None:
+        call = self.calls.get(call_id)
+        if call is None or call.instance is None:
+            native.reject(call_id, code, details, "", "")
+            return
+        failed = call.instance
+        call.instance = None
+        self.router.finish(failed, call.route.model, "retried", code in TRANSPORT_CODES)
+        log.warning("retrying a %s request: %s failed with %s (%s)", call.route.model,
+                    failed.name, STATUS_BY_CODE.get(code, code), details)
+        self._admit(call_id, call, exclude=failed)
+
+
+def _ids(raw: bytes) -> tuple[str, str]:
+    """Request id and model of a request that failed to parse as a route (best effort)."""
+    from tritonclient.grpc import service_pb2
+
+    try:
+        message = service_pb2.ModelInferRequest.FromString(raw)
+    except DecodeError:
+        return "", ""
+    return message.id, message.model_name
