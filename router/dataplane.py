@@ -4,10 +4,12 @@
 the router's public gRPC port. It forwards `ModelInfer` and each request of a
 `ModelStreamInfer` to the instance this module names, relays the responses as the instance
 sent them, and passes every other method to the router's own grpcio server, which then
-listens on a loopback port. Requests reach this module as events on an eventfd that the
-event loop watches, so routing, admission, health and metrics keep running on the one
-event-loop thread exactly as with the pure-Python path (`server.py`, `streaming.py`); only
-the per-byte work moves to C++.
+listens on a loopback port. The proxy has no thread of its own: the event loop watches its
+epoll descriptor and calls `poll()`, which serves every ready socket and hands back the
+requests to route as events; `forward()`/`reject()` act at once. Routing, admission,
+health and metrics so keep running on the one event-loop thread exactly as with the
+pure-Python path (`server.py`, `streaming.py`), with no hand-off between threads; only the
+per-byte work (HTTP/2, in nghttp2) is in C++.
 
 Behaviour differences from the Python path: each streamed request gets an upstream stream
 of its own (the Python path shares one per instance for requests with ids), so the end of
@@ -78,25 +80,35 @@ class NativeDataPlane:
         """Listen on `listen_address`; other methods go to `control_address`. The port."""
         port, self._fd = native.start(listen_address, control_address,
                                       self.router.config.retry_on_failure)
-        asyncio.get_running_loop().add_reader(self._fd, self._drain)
+        asyncio.get_running_loop().add_reader(self._fd, self._poll)
         return port
 
     async def stop(self, grace_s: float) -> None:
+        """Stop listening, let what is in flight finish (`grace_s` at most), then close."""
         if self._fd is None:
             return
         loop = asyncio.get_running_loop()
-        # Keep handling events while the proxy finishes what is in flight.
-        await loop.run_in_executor(None, native.stop, grace_s)
+        native.begin_stop()
+        self._handle(native.take_events())
+        deadline = loop.time() + grace_s
+        while native.active_streams() and loop.time() < deadline:
+            await asyncio.sleep(0.02)
         loop.remove_reader(self._fd)
-        self._drain()
         self._fd = None
+        self._handle(native.close())
 
-    def _drain(self) -> None:
-        for event in native.take_events():
-            try:
-                self._handlers[event[0]](*event[1:])
-            except Exception:  # one bad event must not stop the router's routing
-                log.exception("native data plane event %r failed", event[:2])
+    def _poll(self) -> None:
+        self._handle(native.poll())
+
+    def _handle(self, events: list[tuple]) -> None:
+        # A decision can end a request at once (its client is gone): those events follow.
+        while events:
+            for event in events:
+                try:
+                    self._handlers[event[0]](*event[1:])
+                except Exception:  # one bad event must not stop the router's routing
+                    log.exception("native data plane event %r failed", event[:2])
+            events = native.take_events()
 
     # -- events ---------------------------------------------------------------------------
     def _on_route(self, call_id: int, raw: bytes, metadata: tuple, time_remaining_s,
@@ -132,15 +144,14 @@ class NativeDataPlane:
             self.router.count_rejected(call.route.model)
             native.reject(call_id, exc.code.value[0], str(exc), call.request_id,
                           call.route.model)
-            return
-        self._forward(call_id, call, instance)
+        else:
+            self._forward(call_id, call, instance)
+        if self._fd is not None:
+            self._handle(native.take_events())
 
     def _forward(self, call_id: int, call: _Call, instance: Instance) -> None:
         call.instance = instance
-        if not native.forward(call_id, instance.name, call.request_id, call.route.model):
-            # The proxy is stopping and has already answered the client.
-            self.calls.pop(call_id, None)
-            self.router.finish(instance, call.route.model, "cancelled")
+        native.forward(call_id, instance.name, call.request_id, call.route.model)
 
     def _on_ended(self, call_id: int, code: int, details: str, responses: int,
                   latency_s: float, ttft_s: float | None, error_in_stream: bool) -> None:

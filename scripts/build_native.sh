@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the router's native data plane (router/native/dataplane.cc -> router/_dataplane*.so)
-# against Debian's gRPC C++ library. Idempotent: rebuilds only when the source changed.
-# Without a compiler or the gRPC headers (and no apt-get to install them) it says so and
+# against Debian's nghttp2 (HTTP/2). Idempotent: rebuilds only when the source changed.
+# Without a compiler or the nghttp2 headers (and no apt-get to install them) it says so and
 # exits 0: the router then carries inference through grpcio (data_plane = "auto").
 set -euo pipefail
 
@@ -12,7 +12,7 @@ SOURCE=router/native/dataplane.cc
 SUFFIX="$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
 TARGET="router/_dataplane$SUFFIX"
 STAMP="$ROOT/.cache/setup/native-dataplane"
-PACKAGES=(g++ libgrpc++-dev python3-dev)
+PACKAGES=(g++ libnghttp2-dev python3-dev)
 
 want="$(cat "$SOURCE" "$0" | sha1sum | cut -d' ' -f1) $SUFFIX"
 if [[ -f "$TARGET" && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
@@ -42,7 +42,7 @@ INCLUDES="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])'
 echo "compiling $SOURCE -> $TARGET ..."
 g++ -O2 -std=c++17 -shared -fPIC -Wall -Wextra -Wno-unused-parameter \
   -Wno-missing-field-initializers -I"$INCLUDES" "$SOURCE" -o "$TARGET.tmp" \
-  -lgrpc++ -lgrpc -lgpr
+  -lnghttp2
 mv "$TARGET.tmp" "$TARGET"
 "$PY" -c "import router._dataplane" || { rm -f "$TARGET"; echo "error: $TARGET does not import" >&2; exit 1; }
 mkdir -p "$(dirname "$STAMP")"
