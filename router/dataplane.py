@@ -11,9 +11,10 @@ health and metrics so keep running on the one event-loop thread exactly as with 
 pure-Python path (`server.py`, `streaming.py`), with no hand-off between threads; only the
 per-byte work (HTTP/2, in nghttp2) is in C++.
 
-Behaviour differences from the Python path: each streamed request gets an upstream stream
-of its own (the Python path shares one per instance for requests with ids), so the end of
-that stream marks the request's end and responses are never parsed.
+Streams are relayed as `streaming.py` relays them: the requests of one client stream that
+carry ids share one upstream stream per instance (responses matched by id; each model made
+to send a final response, dropped again unless the client asked for it), and a request
+without an id gets an upstream stream of its own, whose end is the request's end.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from router.admission import AdmissionError
 from router.instances import Instance
 from router.policies.base import RouteRequest
 from router.request_info import BadRequest, parse_request
+from router.streaming import EMPTY_FINAL
 from router.wire import TRANSPORT_FAILURES
 
 if TYPE_CHECKING:
@@ -63,6 +65,7 @@ class _Call:
     streaming: bool
     time_remaining_s: float | None
     received: float
+    wants_empty_final: bool = False  # the client asked for Triton's empty final response
     instance: Instance | None = None
 
 
@@ -121,7 +124,8 @@ class NativeDataPlane:
             native.reject(call_id, grpc.StatusCode.INVALID_ARGUMENT.value[0], text,
                           request_id, model)
             return
-        call = _Call(route, message.id, streaming, time_remaining_s, time.monotonic())
+        wants = EMPTY_FINAL in message.parameters and message.parameters[EMPTY_FINAL].bool_param
+        call = _Call(route, message.id, streaming, time_remaining_s, time.monotonic(), wants)
         self.calls[call_id] = call
         self._admit(call_id, call, exclude=None)
 
@@ -151,7 +155,8 @@ class NativeDataPlane:
 
     def _forward(self, call_id: int, call: _Call, instance: Instance) -> None:
         call.instance = instance
-        native.forward(call_id, instance.name, call.request_id, call.route.model)
+        native.forward(call_id, instance.name, call.request_id, call.route.model,
+                       call.wants_empty_final)
 
     def _on_ended(self, call_id: int, code: int, details: str, responses: int,
                   latency_s: float, ttft_s: float | None, error_in_stream: bool) -> None:

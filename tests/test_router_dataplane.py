@@ -26,13 +26,12 @@ class RecordingProxy:
         self.forwarded: list[tuple[int, str, str, str]] = []
         self.rejected: list[tuple[int, int, str, str, str]] = []
 
-    def forward(self, call_id, address, request_id, model) -> bool:
+    def forward(self, call_id, address, request_id, model, wants_empty_final=False) -> None:
         self.forwarded.append((call_id, address, request_id, model))
-        return True
+        self.wants_empty_final = wants_empty_final
 
-    def reject(self, call_id, code, message, request_id, model) -> bool:
+    def reject(self, call_id, code, message, request_id, model) -> None:
         self.rejected.append((call_id, code, message, request_id, model))
-        return True
 
 
 @pytest.fixture
@@ -52,7 +51,10 @@ def make_plane(*names: str, **config) -> tuple[Router, dataplane.NativeDataPlane
 def request_bytes(request_id: str = "r1", model: str = "echo", **parameters) -> bytes:
     message = service_pb2.ModelInferRequest(model_name=model, id=request_id)
     for key, value in parameters.items():
-        message.parameters[key].string_param = value
+        if isinstance(value, bool):
+            message.parameters[key].bool_param = value
+        else:
+            message.parameters[key].string_param = value
     return message.SerializeToString()
 
 
@@ -69,6 +71,18 @@ def test_a_routed_request_is_forwarded_and_its_end_frees_the_seat(proxy):
         plane._on_ended(7, 0, "", 1, 0.01, 0.01, False)
         assert router.pool.instances["a:1"].in_flight == 0
         assert plane.calls == {}
+
+    run(main())
+
+
+def test_whether_the_client_asked_for_the_empty_final_response_is_passed_on(proxy):
+    async def main():
+        _, plane = make_plane("a:1")
+        plane._on_route(1, request_bytes(triton_enable_empty_final_response=True), (), None,
+                        True)
+        assert proxy.wants_empty_final is True
+        plane._on_route(2, request_bytes("r2"), (), None, True)
+        assert proxy.wants_empty_final is False
 
     run(main())
 

@@ -103,12 +103,19 @@ struct Decision {
   uint64_t id = 0;
   std::string address, request_id, model, message;
   int code = 0;
+  bool wants_empty_final = false;
 };
 
 enum class Kind { kUnaryInfer, kStreamInfer, kPassthrough };
 
 struct Connection;
 struct Call;
+struct Shared;
+
+// What an upstream HTTP/2 stream belongs to: one request (Call) or a Shared stream.
+struct Upstreamed {
+  bool shared = false;
+};
 
 // A client's stream.
 struct Downstream {
@@ -125,10 +132,11 @@ struct Downstream {
   size_t out_off = 0;
   Headers trailers;
   std::unordered_set<Call*> calls;
+  std::unordered_map<std::string, Shared*> shared;  // by instance address
 };
 
 // One request on its way to an instance (or, unrouted, to the control address).
-struct Call {
+struct Call : Upstreamed {
   uint64_t id = 0;
   Downstream* down;
   bool routed;
@@ -140,12 +148,33 @@ struct Call {
   int responses = 0;
   bool error_in_stream = false, retried = false, cancel_requested = false;
   std::string address, request_id, model;
+  bool wants_empty_final = false;
+  Shared* via = nullptr;  // the shared stream carrying it, if any
   Connection* up = nullptr;
   int32_t up_stream = -1;
   // The instance's answer.
   bool answered = false;  // response headers came
   Headers response_headers, response_trailers;
   std::string body, partial;
+  std::optional<Status> grpc_status;
+};
+
+// One upstream ModelStreamInfer stream that carries a client stream's requests (those
+// with an id) to one instance, as the client's own stream would. Responses are matched to
+// requests by id; a request ends with its final response, which the router makes every
+// model send (triton_enable_empty_final_response) and drops again unless the client
+// asked for it.
+struct Shared : Upstreamed {
+  Shared() { shared = true; }
+  Downstream* down = nullptr;
+  Connection* up = nullptr;
+  int32_t up_stream = -1;
+  std::string address;
+  std::string outbox;
+  size_t out_off = 0;
+  bool deferred = false, closing = false, cancel_requested = false;
+  std::unordered_map<std::string, Call*> pending;
+  std::string partial;
   std::optional<Status> grpc_status;
 };
 
@@ -159,6 +188,7 @@ struct Connection {
   bool retiring = false;  // takes no new streams (GOAWAY, ids used up)
   std::unordered_set<Downstream*> downstreams;
   std::unordered_set<Call*> calls;
+  std::unordered_set<Shared*> shared;
   ~Connection() {
     if (session != nullptr) nghttp2_session_del(session);
   }
@@ -269,6 +299,95 @@ std::string StreamErrorResponse(const std::string& message, const std::string& r
   return response;
 }
 
+// ModelInferRequest.parameters["triton_enable_empty_final_response"] = true, as bytes to
+// append to a serialized request (an appended map entry adds or replaces that key).
+std::string AskEmptyFinal() {
+  std::string entry;
+  PutField(&entry, 1, "triton_enable_empty_final_response");
+  PutField(&entry, 2, std::string("\x08\x01", 2));
+  std::string field;
+  PutField(&field, 4, entry);
+  return field;
+}
+
+bool ReadVarint(const uint8_t** p, const uint8_t* end, uint64_t* value) {
+  *value = 0;
+  for (int shift = 0; shift < 64 && *p < end; shift += 7) {
+    uint8_t byte = *(*p)++;
+    *value |= static_cast<uint64_t>(byte & 0x7F) << shift;
+    if (!(byte & 0x80)) return true;
+  }
+  return false;
+}
+
+// Calls `field(number, wire_type, data, length_or_varint)` for each field of a message.
+template <typename Visit>
+bool ForEachField(const uint8_t* p, const uint8_t* end, Visit visit) {
+  while (p < end) {
+    uint64_t key, value;
+    if (!ReadVarint(&p, end, &key)) return false;
+    int wire = static_cast<int>(key & 7);
+    if (wire == 0) {
+      if (!ReadVarint(&p, end, &value)) return false;
+      visit(key >> 3, wire, nullptr, value);
+    } else if (wire == 2) {
+      if (!ReadVarint(&p, end, &value) || value > static_cast<uint64_t>(end - p)) return false;
+      visit(key >> 3, wire, p, value);
+      p += value;
+    } else if (wire == 1 || wire == 5) {
+      size_t size = wire == 1 ? 8 : 4;
+      if (static_cast<size_t>(end - p) < size) return false;
+      p += size;
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
+// What the router reads of a ModelStreamInferResponse: which request, and whether it is
+// that request's last (and empty) response.
+struct ResponseFacts {
+  std::string id;
+  bool error = false, has_final_flag = false, final_flag = false, has_outputs = false;
+  bool final() const { return !has_final_flag || final_flag || error; }
+  bool empty() const { return !has_outputs && !error; }
+};
+
+bool ReadResponseFacts(const std::string& framed, ResponseFacts* facts) {
+  auto* begin = reinterpret_cast<const uint8_t*>(framed.data()) + kFrameHeader;
+  auto* end = reinterpret_cast<const uint8_t*>(framed.data()) + framed.size();
+  return ForEachField(begin, end, [&](uint64_t field, int wire, const uint8_t* data,
+                                      uint64_t size) {
+    if (field == 1 && wire == 2) {
+      facts->error = size > 0;
+    } else if (field == 2 && wire == 2) {
+      ForEachField(data, data + size, [&](uint64_t f, int w, const uint8_t* d, uint64_t n) {
+        if (w != 2) return;
+        if (f == 3) {
+          facts->id.assign(reinterpret_cast<const char*>(d), n);
+        } else if (f == 5 || f == 6) {
+          facts->has_outputs = true;
+        } else if (f == 4) {
+          std::string key;
+          bool value = false;
+          ForEachField(d, d + n, [&](uint64_t ef, int ew, const uint8_t* ed, uint64_t en) {
+            if (ef == 1 && ew == 2) key.assign(reinterpret_cast<const char*>(ed), en);
+            if (ef == 2 && ew == 2)
+              ForEachField(ed, ed + en, [&](uint64_t pf, int pw, const uint8_t*, uint64_t pv) {
+                if (pf == 1 && pw == 0) value = pv != 0;
+              });
+          });
+          if (key == "triton_final_response") {
+            facts->has_final_flag = true;
+            facts->final_flag = value;
+          }
+        }
+      });
+    }
+  });
+}
+
 bool SkippedRequestHeader(const std::string& name) {
   // Set per hop (pseudo-headers, te, content-type, grpc-*), or not to be passed on.
   return name.empty() || name[0] == ':' || name == "te" || name == "content-type" ||
@@ -333,6 +452,7 @@ class Proxy {
       awaiting_.erase(found);
       call->request_id = std::move(decision.request_id);
       call->model = std::move(decision.model);
+      call->wants_empty_final = decision.wants_empty_final;
       if (decision.kind == Decision::kForward)
         Forward(call, decision.address);
       else
@@ -587,6 +707,14 @@ class Proxy {
     if (conn->upstream) {
       if (auto it = upstreams_.find(conn->address); it != upstreams_.end() && it->second == conn)
         upstreams_.erase(it);
+      auto shared = conn->shared;
+      conn->shared.clear();
+      for (Shared* stream : shared) {
+        nghttp2_session_set_stream_user_data(conn->session, stream->up_stream, nullptr);
+        stream->up = nullptr;
+        SharedClosed(stream, Status{kUnavailable, "connection to " + conn->address +
+                                                      " lost: " + reason});
+      }
       auto calls = conn->calls;
       conn->calls.clear();
       for (Call* call : calls) {
@@ -720,11 +848,12 @@ class Proxy {
     down->closed = true;
     if (abnormal || !down->calls.empty()) down->cancelled = true;
     for (Call* call : std::vector<Call*>(down->calls.begin(), down->calls.end())) Cancel(call);
+    CloseShared(down, down->cancelled);
     MaybeDelete(down);
   }
 
   void MaybeDelete(Downstream* down) {
-    if (down->closed && down->calls.empty()) delete down;
+    if (down->closed && down->calls.empty() && down->shared.empty()) delete down;
   }
 
   // ---- to the client -------------------------------------------------------------------
@@ -843,19 +972,65 @@ class Proxy {
   }
 
   void MaybeFinishStream(Downstream* down) {
-    if (down->kind == Kind::kStreamInfer && down->client_done && down->calls.empty())
+    if (down->kind == Kind::kStreamInfer && down->client_done && down->calls.empty()) {
       Respond(down, Status{kOk, ""});
+      CloseShared(down, false);
+    }
   }
 
   // ---- to the instances ----------------------------------------------------------------
   static ssize_t ReadRequest(nghttp2_session*, int32_t, uint8_t* buffer, size_t length,
                              uint32_t* flags, nghttp2_data_source* source, void*) {
-    auto* call = static_cast<Call*>(source->ptr);
+    auto* call = static_cast<Call*>(static_cast<Upstreamed*>(source->ptr));
     size_t n = std::min(length, call->framed.size() - call->sent);
     memcpy(buffer, call->framed.data() + call->sent, n);
     call->sent += n;
     if (call->sent == call->framed.size()) *flags |= NGHTTP2_DATA_FLAG_EOF;
     return static_cast<ssize_t>(n);
+  }
+
+  // A new upstream stream for `source` (a Call or a Shared), or -1 and why not.
+  int32_t OpenStream(Downstream* down, const std::string& address, Upstreamed* source,
+                     nghttp2_data_source_read_callback read, Connection** opened,
+                     Status* failure) {
+    Headers headers{{":method", "POST"}, {":scheme", "http"}, {":path", down->path},
+                    {":authority", address}, {"content-type", "application/grpc"},
+                    {"te", "trailers"}};
+    if (down->deadline) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(*down->deadline -
+                                                                        Clock::now());
+      if (left.count() <= 0) {
+        *failure = {kDeadlineExceeded, "the deadline passed before the request reached an "
+                                       "instance"};
+        return -1;
+      }
+      headers.emplace_back("grpc-timeout", std::to_string(left.count()) + "m");
+    }
+    headers.insert(headers.end(), down->metadata.begin(), down->metadata.end());
+    auto nva = NameValues(headers);
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      std::string error;
+      Connection* conn = Upstream(address, &error);
+      if (conn == nullptr) {
+        *failure = {kUnavailable, error};
+        return -1;
+      }
+      nghttp2_data_provider provider{};
+      provider.source.ptr = source;
+      provider.read_callback = read;
+      int32_t id = nghttp2_submit_request(conn->session, nullptr, nva.data(), nva.size(),
+                                          &provider, source);
+      if (id >= 0) {
+        *opened = conn;
+        MarkDirty(conn);
+        return id;
+      }
+      // Stream ids used up, or the instance sent GOAWAY: a fresh connection takes it.
+      conn->retiring = true;
+      upstreams_.erase(address);
+    }
+    *failure = {kUnavailable, "cannot open a stream to " + address};
+    return -1;
   }
 
   void Forward(Call* call, const std::string& address) {
@@ -864,51 +1039,166 @@ class Proxy {
       Finish(call, Status{kCancelled, "the client cancelled the request"});
       return;
     }
-    Headers headers{{":method", "POST"}, {":scheme", "http"}, {":path", down->path},
-                    {":authority", address}, {"content-type", "application/grpc"},
-                    {"te", "trailers"}};
-    if (down->deadline) {
-      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(*down->deadline -
-                                                                        Clock::now());
-      if (left.count() <= 0) {
-        Finish(call, Status{kDeadlineExceeded, "the deadline passed before the request "
-                                               "reached an instance"});
-        return;
-      }
-      headers.emplace_back("grpc-timeout", std::to_string(left.count()) + "m");
-    }
-    headers.insert(headers.end(), down->metadata.begin(), down->metadata.end());
-    auto nva = NameValues(headers);
     call->address = address;
-    for (int attempt = 0; attempt < 2; ++attempt) {
-      std::string error;
-      Connection* conn = Upstream(address, &error);
-      if (conn == nullptr) {
-        UpstreamDone(call, Status{kUnavailable, error});
+    Status failure;
+    if (call->streaming && !call->request_id.empty()) {
+      Shared* shared = SharedStream(down, address, &failure);
+      if (shared != nullptr && !shared->pending.count(call->request_id)) {
+        SendOnShared(shared, call);
         return;
       }
+      // Without a stream there, or with this id already in flight on it (responses are
+      // matched by id): a stream of its own.
+    }
+    if (failure.ok()) {
       call->sent = 0;
-      nghttp2_data_provider provider{};
-      provider.source.ptr = call;
-      provider.read_callback = &Proxy::ReadRequest;
-      int32_t id = nghttp2_submit_request(conn->session, nullptr, nva.data(), nva.size(),
-                                          &provider, call);
+      Connection* conn = nullptr;
+      int32_t id = OpenStream(down, address, call, &Proxy::ReadRequest, &conn, &failure);
       if (id >= 0) {
         call->up = conn;
         call->up_stream = id;
         conn->calls.insert(call);
-        MarkDirty(conn);
         return;
       }
-      // Stream ids used up, or the instance sent GOAWAY: a fresh connection takes it.
-      conn->retiring = true;
-      upstreams_.erase(address);
     }
-    UpstreamDone(call, Status{kUnavailable, "cannot open a stream to " + address});
+    if (failure.code == kUnavailable)
+      UpstreamDone(call, failure);
+    else
+      Finish(call, failure);
+  }
+
+  Shared* SharedStream(Downstream* down, const std::string& address, Status* failure) {
+    if (auto it = down->shared.find(address); it != down->shared.end()) {
+      Shared* shared = it->second;
+      if (!shared->closing && shared->up != nullptr && !shared->up->closed) return shared;
+      down->shared.erase(it);  // ending: it leaves on its own when its stream closes
+    }
+    auto* shared = new Shared();
+    shared->down = down;
+    shared->address = address;
+    Connection* conn = nullptr;
+    int32_t id = OpenStream(down, address, shared, &Proxy::ReadShared, &conn, failure);
+    if (id < 0) {
+      delete shared;
+      return nullptr;
+    }
+    shared->up = conn;
+    shared->up_stream = id;
+    conn->shared.insert(shared);
+    down->shared[address] = shared;
+    return shared;
+  }
+
+  void SendOnShared(Shared* shared, Call* call) {
+    std::string framed = call->framed;
+    if (!call->wants_empty_final) {
+      framed += AskEmptyFinal();
+      uint32_t length = htonl(static_cast<uint32_t>(framed.size() - kFrameHeader));
+      memcpy(&framed[1], &length, 4);
+    }
+    shared->outbox += framed;
+    shared->pending[call->request_id] = call;
+    call->via = shared;
+    ResumeShared(shared);
+  }
+
+  void ResumeShared(Shared* shared) {
+    if (shared->up == nullptr) return;
+    if (shared->deferred) {
+      shared->deferred = false;
+      nghttp2_session_resume_data(shared->up->session, shared->up_stream);
+    }
+    MarkDirty(shared->up);
+  }
+
+  static ssize_t ReadShared(nghttp2_session*, int32_t, uint8_t* buffer, size_t length,
+                            uint32_t* flags, nghttp2_data_source* source, void*) {
+    auto* shared = static_cast<Shared*>(static_cast<Upstreamed*>(source->ptr));
+    size_t available = shared->outbox.size() - shared->out_off;
+    if (available == 0) {
+      if (shared->closing) {
+        *flags |= NGHTTP2_DATA_FLAG_EOF;
+        return 0;
+      }
+      shared->deferred = true;
+      return NGHTTP2_ERR_DEFERRED;
+    }
+    size_t n = std::min(length, available);
+    memcpy(buffer, shared->outbox.data() + shared->out_off, n);
+    shared->out_off += n;
+    if (shared->out_off == shared->outbox.size()) {
+      shared->outbox.clear();
+      shared->out_off = 0;
+    }
+    return static_cast<ssize_t>(n);
+  }
+
+  void SharedData(Shared* shared, const uint8_t* data, size_t length) {
+    shared->partial.append(reinterpret_cast<const char*>(data), length);
+    for (auto& framed : TakeMessages(&shared->partial)) {
+      ResponseFacts facts;
+      bool parsed = ReadResponseFacts(framed, &facts);
+      Call* call = nullptr;
+      if (auto it = shared->pending.find(facts.id); parsed && it != shared->pending.end())
+        call = it->second;
+      else if (shared->pending.size() == 1)
+        call = shared->pending.begin()->second;
+      if (call == nullptr) {  // not a request the router is waiting on: relay it as it came
+        AppendFramed(shared->down, framed);
+        continue;
+      }
+      bool final = parsed && facts.final();
+      if (!(final && facts.empty() && !call->wants_empty_final)) {
+        if (call->responses++ == 0) call->first_response = Clock::now();
+        if (facts.error) call->error_in_stream = true;
+        AppendFramed(shared->down, framed);
+      }
+      if (final) {
+        shared->pending.erase(call->request_id);
+        call->via = nullptr;
+        Finish(call, Status{});
+      }
+    }
+  }
+
+  // A shared stream is over (its instance ended it, or the connection went): whatever it
+  // still carried lost its instance.
+  void SharedClosed(Shared* shared, Status status) {
+    if (shared->up != nullptr) shared->up->shared.erase(shared);
+    Downstream* down = shared->down;
+    if (auto it = down->shared.find(shared->address); it != down->shared.end() &&
+                                                      it->second == shared)
+      down->shared.erase(it);
+    if (status.ok())
+      status = {kUnavailable, "instance " + shared->address +
+                                  " ended the stream before the request's last response"};
+    auto pending = std::move(shared->pending);
+    bool cancelled = shared->cancel_requested;
+    delete shared;
+    for (auto& [id, call] : pending) {
+      call->via = nullptr;
+      UpstreamDone(call, cancelled || call->cancel_requested ? Status{kCancelled, "cancelled"}
+                                                             : status);
+    }
+    if (pending.empty()) MaybeDelete(down);  // else the last request's end did
+  }
+
+  void CloseShared(Downstream* down, bool cancel) {
+    for (auto& [address, shared] : down->shared) {
+      if (cancel && shared->up != nullptr) {
+        shared->cancel_requested = true;
+        nghttp2_submit_rst_stream(shared->up->session, NGHTTP2_FLAG_NONE, shared->up_stream,
+                                  NGHTTP2_CANCEL);
+        MarkDirty(shared->up);
+      } else if (!shared->closing) {
+        shared->closing = true;  // the client is done: end the stream after what is queued
+        ResumeShared(shared);
+      }
+    }
   }
 
   void Cancel(Call* call) {
-    call->cancel_requested = true;
+    call->cancel_requested = true;  // one on a shared stream ends with that stream's reset
     if (call->up != nullptr && call->up_stream > 0) {
       nghttp2_submit_rst_stream(call->up->session, NGHTTP2_FLAG_NONE, call->up_stream,
                                 NGHTTP2_CANCEL);
@@ -918,13 +1208,7 @@ class Proxy {
 
   void ResponseHeader(Call* call, const nghttp2_frame* frame, std::string name,
                       std::string value) {
-    if (name == "grpc-status") {
-      if (!call->grpc_status) call->grpc_status = Status{};
-      call->grpc_status->code = atoi(value.c_str());
-    } else if (name == "grpc-message") {
-      if (!call->grpc_status) call->grpc_status = Status{kUnavailable, ""};
-      call->grpc_status->message = PercentDecode(value);
-    }
+    ReadStatus(&call->grpc_status, name, value);
     bool trailers = frame->headers.cat == NGHTTP2_HCAT_HEADERS;
     (trailers ? call->response_trailers : call->response_headers)
         .emplace_back(std::move(name), std::move(value));
@@ -944,6 +1228,34 @@ class Proxy {
         call->error_in_stream = true;
       AppendFramed(call->down, framed);
     }
+  }
+
+  static void ReadStatus(std::optional<Status>* status, const std::string& name,
+                         const std::string& value) {
+    if (name == "grpc-status") {
+      if (!*status) *status = Status{};
+      (*status)->code = atoi(value.c_str());
+    } else if (name == "grpc-message") {
+      if (!*status) *status = Status{kUnavailable, ""};
+      (*status)->message = PercentDecode(value);
+    }
+  }
+
+  void SharedHeader(Shared* shared, const std::string& name, const std::string& value) {
+    ReadStatus(&shared->grpc_status, name, value);
+  }
+
+  void SharedStreamClosed(Shared* shared, uint32_t error_code) {
+    Status status;
+    if (shared->grpc_status)
+      status = *shared->grpc_status;
+    else if (shared->cancel_requested)
+      status = {kCancelled, "cancelled"};
+    else
+      status = {kUnavailable, "instance " + shared->address +
+                                  " reset the stream (HTTP/2 error " +
+                                  std::to_string(error_code) + ")"};
+    SharedClosed(shared, status);
   }
 
   void StreamClosed(Call* call, uint32_t error_code) {
@@ -1045,10 +1357,14 @@ class Proxy {
     if (stream == nullptr) return 0;
     std::string key(reinterpret_cast<const char*>(name), name_length);
     std::string text(reinterpret_cast<const char*>(value), value_length);
-    if (conn->upstream)
-      g_proxy_running->ResponseHeader(static_cast<Call*>(stream), frame, std::move(key),
-                                      std::move(text));
-    else
+    if (conn->upstream) {
+      auto* upstream = static_cast<Upstreamed*>(stream);
+      if (upstream->shared)
+        g_proxy_running->SharedHeader(static_cast<Shared*>(upstream), key, text);
+      else
+        g_proxy_running->ResponseHeader(static_cast<Call*>(upstream), frame, std::move(key),
+                                        std::move(text));
+    } else
       g_proxy_running->RequestHeader(static_cast<Downstream*>(stream), std::move(key),
                                      std::move(text));
     return 0;
@@ -1072,9 +1388,13 @@ class Proxy {
     auto* conn = static_cast<Connection*>(user);
     void* stream = nghttp2_session_get_stream_user_data(session, stream_id);
     if (stream == nullptr) return 0;
-    if (conn->upstream)
-      g_proxy_running->ResponseData(static_cast<Call*>(stream), data, length);
-    else
+    if (conn->upstream) {
+      auto* upstream = static_cast<Upstreamed*>(stream);
+      if (upstream->shared)
+        g_proxy_running->SharedData(static_cast<Shared*>(upstream), data, length);
+      else
+        g_proxy_running->ResponseData(static_cast<Call*>(upstream), data, length);
+    } else
       g_proxy_running->RequestData(static_cast<Downstream*>(stream), data, length);
     return 0;
   }
@@ -1086,7 +1406,11 @@ class Proxy {
     if (stream == nullptr) return 0;
     nghttp2_session_set_stream_user_data(session, stream_id, nullptr);
     if (conn->upstream) {
-      g_proxy_running->StreamClosed(static_cast<Call*>(stream), error_code);
+      auto* upstream = static_cast<Upstreamed*>(stream);
+      if (upstream->shared)
+        g_proxy_running->SharedStreamClosed(static_cast<Shared*>(upstream), error_code);
+      else
+        g_proxy_running->StreamClosed(static_cast<Call*>(upstream), error_code);
     } else {
       auto* down = static_cast<Downstream*>(stream);
       conn->downstreams.erase(down);
@@ -1227,10 +1551,14 @@ PyObject* TakeEvents(PyObject*, PyObject*) {
 PyObject* Forward(PyObject*, PyObject* args) {
   unsigned long long id;
   const char *address, *request_id, *model;
-  if (!PyArg_ParseTuple(args, "Ksss", &id, &address, &request_id, &model)) return nullptr;
+  int wants_empty_final = 0;
+  if (!PyArg_ParseTuple(args, "Ksss|p", &id, &address, &request_id, &model, &wants_empty_final))
+    return nullptr;
   Proxy* proxy = Running();
   if (proxy == nullptr) return nullptr;
-  proxy->Apply(Decision{Decision::kForward, id, address, request_id, model});
+  Decision decision{Decision::kForward, id, address, request_id, model};
+  decision.wants_empty_final = wants_empty_final != 0;
+  proxy->Apply(std::move(decision));
   Py_RETURN_NONE;
 }
 
@@ -1276,7 +1604,8 @@ PyMethodDef kMethods[] = {
      "poll() -> events: serve every socket that is ready (call when the fd is readable)"},
     {"take_events", TakeEvents, METH_NOARGS, "take_events() -> events not yet taken"},
     {"forward", Forward, METH_VARARGS,
-     "forward(id, address, request_id, model): send a request to an instance"},
+     "forward(id, address, request_id, model, wants_empty_final=False): send a request to an "
+     "instance"},
     {"reject", Reject, METH_VARARGS,
      "reject(id, status_code, message, request_id, model): answer it with an error"},
     {"begin_stop", BeginStop, METH_NOARGS,
