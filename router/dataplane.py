@@ -6,7 +6,8 @@ the router's public gRPC port. It forwards `ModelInfer` and each request of a
 sent them, and passes every other method to the router's own grpcio server, which then
 listens on a loopback port. The proxy has no thread of its own: the event loop watches its
 epoll descriptor and calls `poll()`, which serves every ready socket and hands back the
-requests to route as events; `forward()`/`reject()` act at once. Routing, admission,
+requests to route as events; `forward()`/`reject()` act on them, and `flush()` sends what
+the batch produced in one write per connection. Routing, admission,
 health and metrics so keep running on the one event-loop thread exactly as with the
 pure-Python path (`server.py`, `streaming.py`), with no hand-off between threads; only the
 per-byte work (HTTP/2, in nghttp2) is in C++.
@@ -93,6 +94,7 @@ class NativeDataPlane:
         loop = asyncio.get_running_loop()
         native.begin_stop()
         self._handle(native.take_events())
+        native.flush()
         deadline = loop.time() + grace_s
         while native.active_streams() and loop.time() < deadline:
             await asyncio.sleep(0.02)
@@ -102,6 +104,7 @@ class NativeDataPlane:
 
     def _poll(self) -> None:
         self._handle(native.poll())
+        native.flush()  # the relayed responses and the forwarded requests, in one go
 
     def _handle(self, events: list[tuple]) -> None:
         # A decision can end a request at once (its client is gone): those events follow.
@@ -109,8 +112,14 @@ class NativeDataPlane:
             for event in events:
                 try:
                     self._handlers[event[0]](*event[1:])
-                except Exception:  # one bad event must not stop the router's routing
+                except Exception as exc:  # one bad event must not stop the router's routing
                     log.exception("native data plane event %r failed", event[:2])
+                    call = self.calls.get(event[1])
+                    if event[0] != ENDED and (call is None or call.instance is None):
+                        # Still waiting for a decision: answer it rather than leave it hang.
+                        self.calls.pop(event[1], None)
+                        native.reject(event[1], grpc.StatusCode.INTERNAL.value[0],
+                                      f"router error: {exc!r}", "", "")
             events = native.take_events()
 
     # -- events ---------------------------------------------------------------------------
@@ -150,8 +159,9 @@ class NativeDataPlane:
                           call.route.model)
         else:
             self._forward(call_id, call, instance)
-        if self._fd is not None:
+        if self._fd is not None:  # outside a poll: nothing else will flush it
             self._handle(native.take_events())
+            native.flush()
 
     def _forward(self, call_id: int, call: _Call, instance: Instance) -> None:
         call.instance = instance

@@ -697,6 +697,8 @@ SOCKET_LEAVES = frozenset({"sendmsg", "recvmsg", "send", "recv", "write", "read"
 # Where a busy sample's time goes: the leaf if it is a socket syscall, else the innermost
 # frame with a known home (from the leaf outwards); first match wins.
 CATEGORIES = (
+    ("native data plane (C++ proxy, nghttp2)",
+     lambda f, w: "_dataplane" in w or "nghttp2" in w or "Proxy::" in f),
     ("router code", lambda f, w: w.startswith("router/") or "/router/" in w),
     ("protobuf", lambda f, w: "protobuf" in w or "google/" in w or "_message" in w),
     ("prometheus_client", lambda f, w: "prometheus_client" in w),

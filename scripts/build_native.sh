@@ -12,7 +12,7 @@ SOURCE=router/native/dataplane.cc
 SUFFIX="$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
 TARGET="router/_dataplane$SUFFIX"
 STAMP="$ROOT/.cache/setup/native-dataplane"
-PACKAGES=(g++ libnghttp2-dev python3-dev)
+PACKAGES=(g++ libnghttp2-dev zlib1g-dev python3-dev)
 
 want="$(cat "$SOURCE" "$0" | sha1sum | cut -d' ' -f1) $SUFFIX"
 if [[ -f "$TARGET" && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
@@ -42,7 +42,7 @@ INCLUDES="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])'
 echo "compiling $SOURCE -> $TARGET ..."
 g++ -O2 -std=c++17 -shared -fPIC -Wall -Wextra -Wno-unused-parameter \
   -Wno-missing-field-initializers -I"$INCLUDES" "$SOURCE" -o "$TARGET.tmp" \
-  -lnghttp2
+  -lnghttp2 -lz
 mv "$TARGET.tmp" "$TARGET"
 "$PY" -c "import router._dataplane" || { rm -f "$TARGET"; echo "error: $TARGET does not import" >&2; exit 1; }
 mkdir -p "$(dirname "$STAMP")"

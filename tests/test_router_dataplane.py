@@ -164,6 +164,23 @@ def test_outcomes_are_counted_by_status_and_in_stream_errors(proxy):
     run(main())
 
 
+def test_a_routing_failure_answers_the_request_instead_of_leaving_it_waiting(proxy,
+                                                                           monkeypatch):
+    async def main():
+        router, plane = make_plane("a:1")
+
+        def broken(request, choose):
+            raise RuntimeError("policy bug")
+
+        monkeypatch.setattr(router.admission, "try_acquire", broken)
+        monkeypatch.setattr(dataplane.native, "take_events", lambda: [], raising=False)
+        plane._handle([(dataplane.ROUTE, 5, request_bytes(), (), None, False)])
+        assert [(r[0], r[1]) for r in proxy.rejected] == [(5, code(grpc.StatusCode.INTERNAL))]
+        assert "policy bug" in proxy.rejected[0][2] and plane.calls == {}
+
+    run(main())
+
+
 def test_auto_falls_back_to_python_when_the_proxy_is_not_built(monkeypatch):
     monkeypatch.setattr(dataplane, "native", None)
     assert Router(RouterConfig(data_plane="auto")).data_plane == "python"

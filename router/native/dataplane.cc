@@ -26,7 +26,9 @@
 // its own and sent upstream on a stream of its own (the request, then end of stream), so
 // that stream's end is the request's end; the responses' gRPC messages are relayed whole
 // and unchanged, interleaved message by message on the client's stream. Every other method
-// goes, unparsed, to the Python router's own gRPC server (the control address).
+// goes, unparsed, to the Python router's own gRPC server (the control address). Compressed
+// request messages (gzip, deflate) are decompressed, since routing reads them, and go on
+// plain; instances are not asked for compressed responses.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -40,6 +42,7 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -124,6 +127,7 @@ struct Downstream {
   std::string path;
   Kind kind = Kind::kPassthrough;
   Headers metadata;  // what is forwarded upstream (and shown to routing)
+  std::string encoding;  // grpc-encoding of compressed request messages
   std::optional<Clock::time_point> deadline;
   std::string inbuf;
   bool client_done = false, closed = false, cancelled = false;
@@ -388,6 +392,36 @@ bool ReadResponseFacts(const std::string& framed, ResponseFacts* facts) {
   });
 }
 
+bool Inflate(const std::string& compressed, bool gzip, std::string* out) {
+  z_stream zs{};
+  if (inflateInit2(&zs, gzip ? 16 + MAX_WBITS : MAX_WBITS) != Z_OK) return false;
+  zs.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(compressed.data()));
+  zs.avail_in = static_cast<uInt>(compressed.size());
+  char chunk[65536];
+  int rc;
+  do {
+    zs.next_out = reinterpret_cast<Bytef*>(chunk);
+    zs.avail_out = sizeof(chunk);
+    rc = inflate(&zs, Z_NO_FLUSH);
+    if (rc != Z_OK && rc != Z_STREAM_END) break;
+    out->append(chunk, sizeof(chunk) - zs.avail_out);
+  } while (rc != Z_STREAM_END);
+  inflateEnd(&zs);
+  return rc == Z_STREAM_END;
+}
+
+// A compressed gRPC message (flag 1), framed, made plain.
+Status Decompress(const std::string& encoding, std::string* framed) {
+  if (encoding != "gzip" && encoding != "deflate")
+    return {kUnimplemented, "grpc-encoding '" + encoding + "' is not supported through the "
+                            "router (gzip and deflate are)"};
+  std::string message;
+  if (!Inflate(framed->substr(kFrameHeader), encoding == "gzip", &message))
+    return {kInternal, "the request does not decompress as " + encoding};
+  *framed = Framed(message);
+  return {};
+}
+
 bool SkippedRequestHeader(const std::string& name) {
   // Set per hop (pseudo-headers, te, content-type, grpc-*), or not to be passed on.
   return name.empty() || name[0] == ':' || name == "te" || name == "content-type" ||
@@ -423,7 +457,8 @@ class Proxy {
   // Readable whenever a socket of the proxy is: the event loop watches it and calls Poll.
   int epoll_fd() const { return epoll_fd_; }
 
-  // Everything ready now, without waiting; then what it produced goes out.
+  // Everything ready now, without waiting. What it produces goes out with the next
+  // Settle, so that the decisions taken on its events leave in the same writes.
   void Poll() {
     epoll_event ready[128];
     int n = epoll_wait(epoll_fd_, ready, 128, 0);
@@ -441,7 +476,6 @@ class Proxy {
         }
       }
     }
-    Settle();
   }
 
   void Apply(Decision decision) {
@@ -458,7 +492,6 @@ class Proxy {
       else
         End(call, Status{decision.code, decision.message});  // never seated: no event
     }
-    Settle();
   }
 
   std::vector<Event> TakeEvents() {
@@ -486,23 +519,30 @@ class Proxy {
 
  private:
   // ---- sockets and the loop ----------------------------------------------------------
-  bool Listen(const std::string& listen, int* port, std::string* error) {
-    auto colon = listen.rfind(':');
+  // host:port (host may be [v6], or empty to listen everywhere) for a TCP socket.
+  static addrinfo* Resolve(const std::string& address, bool passive, std::string* error) {
+    auto colon = address.rfind(':');
     if (colon == std::string::npos) {
-      *error = "expected host:port, got " + listen;
-      return false;
+      *error = "expected host:port, got " + address;
+      return nullptr;
     }
-    std::string host = listen.substr(0, colon), service = listen.substr(colon + 1);
+    std::string host = address.substr(0, colon), service = address.substr(colon + 1);
     if (host.size() > 1 && host.front() == '[') host = host.substr(1, host.size() - 2);
     addrinfo hints{}, *found = nullptr;
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_PASSIVE;
+    hints.ai_flags = passive ? AI_PASSIVE : 0;
     if (int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(), service.c_str(), &hints,
                              &found)) {
-      *error = gai_strerror(rc);
-      return false;
+      *error = "cannot resolve " + address + ": " + gai_strerror(rc);
+      return nullptr;
     }
+    return found;
+  }
+
+  bool Listen(const std::string& listen, int* port, std::string* error) {
+    addrinfo* found = Resolve(listen, true, error);
+    if (found == nullptr) return false;
     for (addrinfo* ai = found; ai != nullptr; ai = ai->ai_next) {
       int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
       if (fd < 0) continue;
@@ -532,10 +572,14 @@ class Proxy {
     epoll_ctl(epoll_fd_, modify ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &ev);
   }
 
+ public:
+  // Write what is pending on every connection; free the connections that closed.
   void Settle() {
     FlushDirty();
     graveyard_.clear();
   }
+
+ private:
 
   void Accept() {
     while (true) {
@@ -575,20 +619,8 @@ class Proxy {
       if (!it->second->closed && !it->second->retiring) return it->second;
       upstreams_.erase(it);
     }
-    auto colon = address.rfind(':');
-    if (colon == std::string::npos) {
-      *error = "bad instance address " + address;
-      return nullptr;
-    }
-    std::string host = address.substr(0, colon), service = address.substr(colon + 1);
-    if (host.size() > 1 && host.front() == '[') host = host.substr(1, host.size() - 2);
-    addrinfo hints{}, *found = nullptr;
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    if (int rc = getaddrinfo(host.c_str(), service.c_str(), &hints, &found)) {
-      *error = std::string("cannot resolve ") + address + ": " + gai_strerror(rc);
-      return nullptr;
-    }
+    addrinfo* found = Resolve(address, false, error);
+    if (found == nullptr) return nullptr;
     int fd = socket(found->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     int rc = fd < 0 ? -1 : connect(fd, found->ai_addr, found->ai_addrlen);
     int saved = errno;
@@ -769,6 +801,8 @@ class Proxy {
                                                      : Kind::kPassthrough;
     } else if (name == "grpc-timeout") {
       if (auto timeout = ParseGrpcTimeout(value)) down->deadline = Clock::now() + *timeout;
+    } else if (name == "grpc-encoding") {
+      down->encoding = std::move(value);
     } else if (!SkippedRequestHeader(name)) {
       down->metadata.emplace_back(std::move(name), std::move(value));
     }
@@ -813,18 +847,18 @@ class Proxy {
     return call;
   }
 
-  // A request to route: ask Python.
+  // A request to route: ask Python. A compressed one is decompressed here (routing reads
+  // it) and goes on uncompressed.
   void NewCall(Downstream* down, std::string framed) {
     if (framed[0] != 0) {
-      Status status{kUnimplemented,
-                    "compressed requests are not supported through the router (it reads "
-                    "each request to route it); send them uncompressed"};
-      if (down->kind == Kind::kStreamInfer) {
-        AppendMessage(down, StreamErrorResponse(status.message, "", ""));
-      } else {
-        Respond(down, status);
+      Status status = Decompress(down->encoding, &framed);
+      if (!status.ok()) {
+        if (down->kind == Kind::kStreamInfer)
+          AppendMessage(down, StreamErrorResponse(status.message, "", ""));
+        else
+          Respond(down, status);
+        return;
       }
-      return;
     }
     Call* call = NewCallObject(down, std::move(framed), true);
     if (stopping_) {
@@ -1007,6 +1041,8 @@ class Proxy {
       headers.emplace_back("grpc-timeout", std::to_string(left.count()) + "m");
     }
     headers.insert(headers.end(), down->metadata.begin(), down->metadata.end());
+    if (down->kind == Kind::kPassthrough && !down->encoding.empty())
+      headers.emplace_back("grpc-encoding", down->encoding);  // relayed unread
     auto nva = NameValues(headers);
     for (int attempt = 0; attempt < 2; ++attempt) {
       std::string error;
@@ -1321,7 +1357,7 @@ class Proxy {
         AppendMessage(down, StreamErrorResponse(ErrorText(call, status), call->request_id,
                                                 call->model));
       MaybeFinishStream(down);
-    } else if (call->answered) {
+    } else if (call->answered && call->grpc_status) {  // the instance's whole answer
       Relay(down, call);
     } else {
       Respond(down, status);
@@ -1574,10 +1610,18 @@ PyObject* Reject(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+PyObject* Flush(PyObject*, PyObject*) {
+  Proxy* proxy = Running();
+  if (proxy == nullptr) return nullptr;
+  proxy->Settle();
+  Py_RETURN_NONE;
+}
+
 PyObject* BeginStop(PyObject*, PyObject*) {
   Proxy* proxy = Running();
   if (proxy == nullptr) return nullptr;
   proxy->Apply(Decision{Decision::kStop});
+  proxy->Settle();
   return PyLong_FromSize_t(proxy->ActiveStreams());
 }
 
@@ -1602,12 +1646,15 @@ PyMethodDef kMethods[] = {
      "start(listen_address, control_address, retry_on_failure) -> (port, fd to watch)"},
     {"poll", Poll, METH_NOARGS,
      "poll() -> events: serve every socket that is ready (call when the fd is readable)"},
+    {"flush", Flush, METH_NOARGS,
+     "flush(): send what poll() and the decisions since produced (after each batch)"},
     {"take_events", TakeEvents, METH_NOARGS, "take_events() -> events not yet taken"},
     {"forward", Forward, METH_VARARGS,
      "forward(id, address, request_id, model, wants_empty_final=False): send a request to an "
-     "instance"},
+     "instance (on the next flush)"},
     {"reject", Reject, METH_VARARGS,
-     "reject(id, status_code, message, request_id, model): answer it with an error"},
+     "reject(id, status_code, message, request_id, model): answer it with an error (on the "
+     "next flush)"},
     {"begin_stop", BeginStop, METH_NOARGS,
      "begin_stop() -> active streams: stop listening, fail requests awaiting a decision"},
     {"active_streams", ActiveStreams, METH_NOARGS, "active_streams() -> client streams open"},

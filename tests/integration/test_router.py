@@ -114,6 +114,24 @@ def test_unary_response_is_byte_for_byte_the_instance_s(fleet):
     assert via_router.SerializeToString() == via_direct.SerializeToString()
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_are_routed_and_answered(client, router, algorithm):
+    result = client.infer("echo", echo_inputs("squeezed " * 50),
+                          compression_algorithm=algorithm)
+    assert echoed_text(result) == "squeezed " * 50
+    events: queue.Queue = queue.Queue()
+    stream = grpcclient.InferenceServerClient(router.grpc_url)
+    stream.start_stream(callback=lambda result, error: events.put((result, error)),
+                        compression_algorithm=algorithm)
+    try:
+        stream.async_stream_infer("echo_stream", echo_inputs("zipped", count=2),
+                                  request_id="z1")
+        got = [events.get(timeout=30) for _ in range(2)]
+    finally:
+        stream.stop_stream()
+    assert [(echoed_text(r), error) for r, error in got] == [("zipped", None)] * 2
+
+
 def test_requests_without_a_free_instance_model_fail_clearly(client):
     with pytest.raises(InferenceServerException, match="no healthy instance serves model"):
         client.infer("no_such_model", echo_inputs())
