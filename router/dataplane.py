@@ -93,8 +93,7 @@ class NativeDataPlane:
             return
         loop = asyncio.get_running_loop()
         native.begin_stop()
-        self._handle(native.take_events())
-        native.flush()
+        self._pump(native.take_events())
         deadline = loop.time() + grace_s
         while native.active_streams() and loop.time() < deadline:
             await asyncio.sleep(0.02)
@@ -103,8 +102,16 @@ class NativeDataPlane:
         self._handle(native.close())
 
     def _poll(self) -> None:
-        self._handle(native.poll())
-        native.flush()  # the relayed responses and the forwarded requests, in one go
+        self._pump(native.poll())
+
+    def _pump(self, events: list[tuple]) -> None:
+        """Handle `events`, then send what they and the batch produced (relayed responses
+        and forwarded requests in one go), until sending ends no further request."""
+        while True:
+            self._handle(events)
+            events = native.flush()
+            if not events:
+                return
 
     def _handle(self, events: list[tuple]) -> None:
         # A decision can end a request at once (its client is gone): those events follow.
@@ -160,8 +167,7 @@ class NativeDataPlane:
         else:
             self._forward(call_id, call, instance)
         if self._fd is not None:  # outside a poll: nothing else will flush it
-            self._handle(native.take_events())
-            native.flush()
+            self._pump(native.take_events())
 
     def _forward(self, call_id: int, call: _Call, instance: Instance) -> None:
         call.instance = instance

@@ -151,6 +151,11 @@ class StreamSession:
                 await self._on_response(upstream, raw)
         except grpc.aio.AioRpcError as exc:
             error = exc
+        except asyncio.CancelledError:
+            # grpc.aio raises this from read() on a call the router cancelled itself (the
+            # client went away): what it carried must still give its seat back, below.
+            if not self.closing:
+                raise
         finally:
             self._detach(upstream)
         # Whatever is still pending lost its instance.

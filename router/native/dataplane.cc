@@ -1613,8 +1613,8 @@ PyObject* Reject(PyObject*, PyObject* args) {
 PyObject* Flush(PyObject*, PyObject*) {
   Proxy* proxy = Running();
   if (proxy == nullptr) return nullptr;
-  proxy->Settle();
-  Py_RETURN_NONE;
+  proxy->Settle();  // sending can end requests too (a reset sent for a cancelled client)
+  return EventList(proxy->TakeEvents());
 }
 
 PyObject* BeginStop(PyObject*, PyObject*) {
@@ -1647,7 +1647,8 @@ PyMethodDef kMethods[] = {
     {"poll", Poll, METH_NOARGS,
      "poll() -> events: serve every socket that is ready (call when the fd is readable)"},
     {"flush", Flush, METH_NOARGS,
-     "flush(): send what poll() and the decisions since produced (after each batch)"},
+     "flush() -> events: send what poll() and the decisions since produced (after each "
+     "batch); the events that sending produced"},
     {"take_events", TakeEvents, METH_NOARGS, "take_events() -> events not yet taken"},
     {"forward", Forward, METH_VARARGS,
      "forward(id, address, request_id, model, wants_empty_final=False): send a request to an "

@@ -187,6 +187,35 @@ def test_stream_requests_without_id_are_routed_and_answered(router):
     assert sum(1 for r in responses if r.text == "no id") == 4
 
 
+@pytest.mark.parametrize("request_id", ["c1", ""], ids=["shared-upstream", "own-upstream"])
+@pytest.mark.parametrize("data_plane", DATA_PLANES)
+def test_a_cancelled_stream_frees_its_seat_at_once(fleet, data_plane, request_id):
+    """The client's cancel reaches the instance (its upstream stream is reset), so the seat
+    is free long before the request would have ended (100 responses, 100 ms apart). Requests
+    with an id ride an upstream stream shared with the client's other requests; without one,
+    a stream of their own."""
+    only_a = fleet.urls(["a"])
+    with running_router(only_a, fleet.log_dir, "--data-plane", data_plane) as router:
+        def in_flight() -> int:
+            _, instances = router.admin("GET", "/v1/instances")
+            return sum(i["in_flight"] for i in instances)
+
+        client = grpcclient.InferenceServerClient(router.grpc_url)
+        events: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: events.put((result, error)))
+        client.async_stream_infer("echo_stream", echo_inputs("long", delay_ms=100, count=100),
+                                  request_id=request_id)
+        result, error = events.get(timeout=30)
+        assert error is None and in_flight() == 1
+        client.stop_stream(cancel_requests=True)
+        deadline = time.monotonic() + 3
+        while in_flight() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert in_flight() == 0
+        assert 'outcome="cancelled"' in router.metrics_text()
+        assert echoed_text(echo(client, "after")) == "after"  # and the router still serves
+
+
 def test_async_client_unary_and_stream(router):
     async def run() -> tuple[str, list[str]]:
         async with aioclient.InferenceServerClient(router.grpc_url) as client:
