@@ -1,4 +1,4 @@
-"""The native data plane: inference bytes through a C++ gRPC proxy, decisions made here.
+"""The native data plane: inference bytes through a C++ HTTP/2 proxy, decisions made here.
 
 `router/native/dataplane.cc` (built by `make setup` into `router/_dataplane*.so`) listens on
 the router's public gRPC port. It forwards `ModelInfer` and each request of a
@@ -7,10 +7,10 @@ sent them, and passes every other method to the router's own grpcio server, whic
 listens on a loopback port. The proxy has no thread of its own: the event loop watches its
 epoll descriptor and calls `poll()`, which serves every ready socket and hands back the
 requests to route as events; `forward()`/`reject()` act on them, and `flush()` sends what
-the batch produced in one write per connection. Routing, admission,
-health and metrics so keep running on the one event-loop thread exactly as with the
-pure-Python path (`server.py`, `streaming.py`), with no hand-off between threads; only the
-per-byte work (HTTP/2, in nghttp2) is in C++.
+the batch produced in one write per connection. Routing, admission, health and metrics so
+keep running on the one event-loop thread exactly as with the pure-Python path
+(`server.py`, `streaming.py`), with no hand-off between threads; only the per-byte work
+(HTTP/2, in nghttp2) is in C++.
 
 Streams are relayed as `streaming.py` relays them: the requests of one client stream that
 carry ids share one upstream stream per instance (responses matched by id; each model made

@@ -1,6 +1,5 @@
-// The router's native data plane: an HTTP/2 proxy for Triton's gRPC inference calls
-// (nghttp2, one epoll thread) whose routing decisions are made by the Python router
-// (router/dataplane.py).
+// The router's native data plane: an HTTP/2 proxy for Triton's gRPC inference calls, on
+// nghttp2, whose routing decisions are made by the Python router (router/dataplane.py).
 //
 // Why HTTP/2 and not a gRPC library: the bytes of requests and responses are relayed as
 // they came, so nothing here needs gRPC's call machinery; the per-request cost becomes
@@ -8,23 +7,26 @@
 // A proxy on gRPC's own C++ callback API cost ~370 us of CPU per request on the project's
 // 2-core reference machine, three times nginx; grpcio's Python server ~850 us.
 //
-// Protocol between the two halves (no Python runs on the proxy thread):
-//   proxy -> Python: events in a queue, signalled on an eventfd the event loop watches:
+// No thread of its own: the router's event loop watches the proxy's epoll descriptor and
+// calls poll() when a socket is ready, so a request never waits for a thread hand-off.
+// The protocol between the two halves, all on that one thread:
+//   proxy -> Python: events, returned by poll(), flush() and take_events():
 //     (0, id, request_message, metadata, time_remaining_s | None, streaming)  route it
 //     (1, id, status_code, details, responses, latency_s, ttft_s | None, error_in_stream)
 //                                                                        it ended
 //     (2, id, status_code, details)      its instance failed before any response: route
 //                                        it again (once) or reject it
-//   Python -> proxy: forward(id, address, request_id, model) or
-//                    reject(id, status_code, message, request_id, model), queued and
-//                    signalled on the proxy's own eventfd.
+//   Python -> proxy: forward(id, address, request_id, model, wants_empty_final) or
+//                    reject(id, status_code, message, request_id, model), then flush()
+//                    once per batch: one write per connection for everything it produced.
 // Every request Python forwards gets exactly one "ended" event, also when its client is
 // gone by then, so the seat it took is always given back.
 //
 // What is relayed: ModelInfer is routed, and the instance's response (headers, message,
 // trailers) goes back as it came. Each request on a ModelStreamInfer stream is routed on
-// its own and sent upstream on a stream of its own (the request, then end of stream), so
-// that stream's end is the request's end; the responses' gRPC messages are relayed whole
+// its own. Those with an id share one upstream stream per instance (see Shared: responses
+// are matched by id, and the proxy reads nothing else of them); one without an id gets an
+// upstream stream of its own, whose end is the request's end. Responses are relayed whole
 // and unchanged, interleaved message by message on the client's stream. Every other method
 // goes, unparsed, to the Python router's own gRPC server (the control address). Compressed
 // request messages (gzip, deflate) are decompressed, since routing reads them, and go on
