@@ -78,6 +78,7 @@ class NativeDataPlane:
         self.router = router
         self.calls: dict[int, _Call] = {}
         self._fd: int | None = None
+        self._closed = False  # the proxy is gone: decisions still in flight have no target
         self._handlers = {ROUTE: self._on_route, ENDED: self._on_ended, LOST: self._on_lost}
 
     def start(self, listen_address: str, control_address: str) -> int:
@@ -100,6 +101,7 @@ class NativeDataPlane:
         loop.remove_reader(self._fd)
         self._fd = None
         self._handle(native.close())
+        self._closed = True
 
     def _poll(self) -> None:
         self._pump(native.poll())
@@ -162,8 +164,9 @@ class NativeDataPlane:
         except AdmissionError as exc:
             self.calls.pop(call_id, None)
             self.router.count_rejected(call.route.model)
-            native.reject(call_id, exc.code.value[0], str(exc), call.request_id,
-                          call.route.model)
+            if not self._closed:
+                native.reject(call_id, exc.code.value[0], str(exc), call.request_id,
+                              call.route.model)
         else:
             self._forward(call_id, call, instance)
         if self._fd is not None:  # outside a poll: nothing else will flush it
@@ -171,6 +174,10 @@ class NativeDataPlane:
 
     def _forward(self, call_id: int, call: _Call, instance: Instance) -> None:
         call.instance = instance
+        if self._closed:  # seated after the proxy closed (it answered the client then)
+            self.calls.pop(call_id, None)
+            self.router.finish(instance, call.route.model, "cancelled")
+            return
         native.forward(call_id, instance.name, call.request_id, call.route.model,
                        call.wants_empty_final)
 

@@ -181,6 +181,21 @@ def test_a_routing_failure_answers_the_request_instead_of_leaving_it_waiting(pro
     run(main())
 
 
+def test_a_seat_granted_after_the_proxy_closed_is_given_back(proxy):
+    async def main():
+        router, plane = make_plane("a:1", max_concurrency_per_instance=1)
+        plane._on_route(1, request_bytes("first"), (), None, False)
+        plane._on_route(2, request_bytes("second"), (), 5.0, False)  # waits for the seat
+        await wait_until(lambda: router.admission.queued == 1)
+        plane._closed = True  # as stop() leaves it; the proxy answered both clients
+        plane._on_ended(1, 1, "the router is shutting down", 0, 0.01, None, False)
+        await wait_until(lambda: router.admission.queued == 0)
+        await wait_until(lambda: router.pool.instances["a:1"].in_flight == 0)
+        assert [f[0] for f in proxy.forwarded] == [1] and plane.calls == {}
+
+    run(main())
+
+
 def test_auto_falls_back_to_python_when_the_proxy_is_not_built(monkeypatch):
     monkeypatch.setattr(dataplane, "native", None)
     assert Router(RouterConfig(data_plane="auto")).data_plane == "python"

@@ -139,6 +139,7 @@ struct Downstream {
   Headers trailers;
   std::unordered_set<Call*> calls;
   std::unordered_map<std::string, Shared*> shared;  // by instance address
+  std::unordered_set<Shared*> ending;  // replaced in `shared` while still closing
 };
 
 // One request on its way to an instance (or, unrouted, to the control address).
@@ -235,18 +236,22 @@ std::optional<Clock::duration> ParseGrpcTimeout(const std::string& value) {
   if (value.size() < 2) return std::nullopt;
   char unit = value.back();
   char* end = nullptr;
-  unsigned long long amount = strtoull(value.c_str(), &end, 10);
+  double amount = static_cast<double>(strtoull(value.c_str(), &end, 10));
   if (end != value.c_str() + value.size() - 1) return std::nullopt;
-  using namespace std::chrono;
+  double seconds;
   switch (unit) {
-    case 'H': return duration_cast<Clock::duration>(hours(amount));
-    case 'M': return duration_cast<Clock::duration>(minutes(amount));
-    case 'S': return duration_cast<Clock::duration>(seconds(amount));
-    case 'm': return duration_cast<Clock::duration>(milliseconds(amount));
-    case 'u': return duration_cast<Clock::duration>(microseconds(amount));
-    case 'n': return duration_cast<Clock::duration>(nanoseconds(amount));
+    case 'H': seconds = amount * 3600; break;
+    case 'M': seconds = amount * 60; break;
+    case 'S': seconds = amount; break;
+    case 'm': seconds = amount / 1e3; break;
+    case 'u': seconds = amount / 1e6; break;
+    case 'n': seconds = amount / 1e9; break;
+    default: return std::nullopt;
   }
-  return std::nullopt;
+  // Clients write "no deadline" as a huge timeout (Go: ~2.5 million hours); past a year it
+  // is that, and adding it to the clock would overflow.
+  if (seconds > 365.0 * 24 * 3600) return std::nullopt;
+  return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
 }
 
 std::string Framed(const std::string& message) {
@@ -481,9 +486,19 @@ class Proxy {
   }
 
   void Apply(Decision decision) {
+    auto found = awaiting_.find(decision.id);
     if (decision.kind == Decision::kStop) {
       BeginStop();
-    } else if (auto found = awaiting_.find(decision.id); found != awaiting_.end()) {
+    } else if (found == awaiting_.end()) {
+      // Answered already (the router began to stop while Python queued it): a forward
+      // took a seat, which its "ended" event gives back.
+      if (decision.kind == Decision::kForward) {
+        Event event{kEnded, decision.id};
+        event.status = kCancelled;
+        event.details = "the router is shutting down";
+        PushEvent(std::move(event));
+      }
+    } else {
       Call* call = found->second;
       awaiting_.erase(found);
       call->request_id = std::move(decision.request_id);
@@ -512,6 +527,7 @@ class Proxy {
   // The end: every connection closed; instances first, so their requests end (and Python
   // hears of it) before the clients go.
   void CloseAll() {
+    BeginStop();  // no retries from here on: nobody would route them
     std::vector<Connection*> open;
     for (auto& [fd, conn] : connections_) open.push_back(conn.get());
     std::stable_partition(open.begin(), open.end(), [](Connection* c) { return c->upstream; });
@@ -889,7 +905,8 @@ class Proxy {
   }
 
   void MaybeDelete(Downstream* down) {
-    if (down->closed && down->calls.empty() && down->shared.empty()) delete down;
+    if (down->closed && down->calls.empty() && down->shared.empty() && down->ending.empty())
+      delete down;
   }
 
   // ---- to the client -------------------------------------------------------------------
@@ -1109,7 +1126,8 @@ class Proxy {
     if (auto it = down->shared.find(address); it != down->shared.end()) {
       Shared* shared = it->second;
       if (!shared->closing && shared->up != nullptr && !shared->up->closed) return shared;
-      down->shared.erase(it);  // ending: it leaves on its own when its stream closes
+      down->ending.insert(shared);  // it leaves when its stream closes (SharedClosed)
+      down->shared.erase(it);
     }
     auto* shared = new Shared();
     shared->down = down;
@@ -1207,6 +1225,7 @@ class Proxy {
     if (auto it = down->shared.find(shared->address); it != down->shared.end() &&
                                                       it->second == shared)
       down->shared.erase(it);
+    down->ending.erase(shared);
     if (status.ok())
       status = {kUnavailable, "instance " + shared->address +
                                   " ended the stream before the request's last response"};
@@ -1222,7 +1241,9 @@ class Proxy {
   }
 
   void CloseShared(Downstream* down, bool cancel) {
-    for (auto& [address, shared] : down->shared) {
+    std::vector<Shared*> streams(down->ending.begin(), down->ending.end());
+    for (auto& [address, shared] : down->shared) streams.push_back(shared);
+    for (Shared* shared : streams) {
       if (cancel && shared->up != nullptr) {
         shared->cancel_requested = true;
         nghttp2_submit_rst_stream(shared->up->session, NGHTTP2_FLAG_NONE, shared->up_stream,
@@ -1414,9 +1435,20 @@ class Proxy {
       conn->retiring = true;  // finish what is open, start nothing new here
       return 0;
     }
-    if (conn->upstream || !(frame->hd.flags & NGHTTP2_FLAG_END_STREAM)) return 0;
+    if (!(frame->hd.flags & NGHTTP2_FLAG_END_STREAM)) return 0;
     if (frame->hd.type != NGHTTP2_DATA && frame->hd.type != NGHTTP2_HEADERS) return 0;
     void* stream = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+    if (conn->upstream) {
+      // The instance ended a shared stream (its trailers): end ours as well, so that the
+      // stream closes and what it still carried is settled, and send nothing more on it.
+      auto* upstream = static_cast<Upstreamed*>(stream);
+      if (upstream != nullptr && upstream->shared) {
+        auto* shared = static_cast<Shared*>(upstream);
+        shared->closing = true;
+        g_proxy_running->ResumeShared(shared);
+      }
+      return 0;
+    }
     if (stream != nullptr) g_proxy_running->RequestEnded(static_cast<Downstream*>(stream));
     return 0;
   }
