@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import DecodeError
+from tritonclient.grpc import service_pb2
 
 from router.admission import AdmissionError
 from router.instances import Instance
@@ -217,8 +218,6 @@ class NativeDataPlane:
 
 def _ids(raw: bytes) -> tuple[str, str]:
     """Request id and model of a request that failed to parse as a route (best effort)."""
-    from tritonclient.grpc import service_pb2
-
     try:
         message = service_pb2.ModelInferRequest.FromString(raw)
     except DecodeError:

@@ -429,6 +429,18 @@ Status Decompress(const std::string& encoding, std::string* framed) {
   return {};
 }
 
+// Up to `length` bytes of `outbox` from `*offset` into `buffer` (a data provider's read).
+ssize_t TakeOut(std::string* outbox, size_t* offset, uint8_t* buffer, size_t length) {
+  size_t n = std::min(length, outbox->size() - *offset);
+  memcpy(buffer, outbox->data() + *offset, n);
+  *offset += n;
+  if (*offset == outbox->size()) {
+    outbox->clear();
+    *offset = 0;
+  }
+  return static_cast<ssize_t>(n);
+}
+
 bool SkippedRequestHeader(const std::string& name) {
   // Set per hop (pseudo-headers, te, content-type, grpc-*), or not to be passed on.
   return name.empty() || name[0] == ':' || name == "te" || name == "content-type" ||
@@ -437,7 +449,7 @@ bool SkippedRequestHeader(const std::string& name) {
 }
 
 class Proxy;
-Proxy* g_proxy = nullptr;  // guarded by the GIL
+Proxy* g_proxy = nullptr;  // the running proxy; used on the event-loop thread only
 
 class Proxy {
  public:
@@ -928,14 +940,7 @@ class Proxy {
       }
       return 0;
     }
-    size_t n = std::min(length, available);
-    memcpy(buffer, down->outbox.data() + down->out_off, n);
-    down->out_off += n;
-    if (down->out_off == down->outbox.size()) {
-      down->outbox.clear();
-      down->out_off = 0;
-    }
-    return static_cast<ssize_t>(n);
+    return TakeOut(&down->outbox, &down->out_off, buffer, length);
   }
 
   static std::vector<nghttp2_nv> NameValues(const Headers& headers) {
@@ -1179,14 +1184,7 @@ class Proxy {
       shared->deferred = true;
       return NGHTTP2_ERR_DEFERRED;
     }
-    size_t n = std::min(length, available);
-    memcpy(buffer, shared->outbox.data() + shared->out_off, n);
-    shared->out_off += n;
-    if (shared->out_off == shared->outbox.size()) {
-      shared->outbox.clear();
-      shared->out_off = 0;
-    }
-    return static_cast<ssize_t>(n);
+    return TakeOut(&shared->outbox, &shared->out_off, buffer, length);
   }
 
   void SharedData(Shared* shared, const uint8_t* data, size_t length) {
@@ -1398,13 +1396,12 @@ class Proxy {
 
   // ---- nghttp2 callbacks ---------------------------------------------------------------
  public:
-  static Proxy* g_proxy_running;
 
   static int OnBeginHeaders(nghttp2_session*, const nghttp2_frame* frame, void* user) {
     auto* conn = static_cast<Connection*>(user);
     if (!conn->upstream && frame->hd.type == NGHTTP2_HEADERS &&
         frame->headers.cat == NGHTTP2_HCAT_REQUEST)
-      g_proxy_running->NewDownstream(conn, frame->hd.stream_id);
+      g_proxy->NewDownstream(conn, frame->hd.stream_id);
     return 0;
   }
 
@@ -1419,12 +1416,12 @@ class Proxy {
     if (conn->upstream) {
       auto* upstream = static_cast<Upstreamed*>(stream);
       if (upstream->shared)
-        g_proxy_running->SharedHeader(static_cast<Shared*>(upstream), key, text);
+        g_proxy->SharedHeader(static_cast<Shared*>(upstream), key, text);
       else
-        g_proxy_running->ResponseHeader(static_cast<Call*>(upstream), frame, std::move(key),
+        g_proxy->ResponseHeader(static_cast<Call*>(upstream), frame, std::move(key),
                                         std::move(text));
     } else
-      g_proxy_running->RequestHeader(static_cast<Downstream*>(stream), std::move(key),
+      g_proxy->RequestHeader(static_cast<Downstream*>(stream), std::move(key),
                                      std::move(text));
     return 0;
   }
@@ -1445,11 +1442,11 @@ class Proxy {
       if (upstream != nullptr && upstream->shared) {
         auto* shared = static_cast<Shared*>(upstream);
         shared->closing = true;
-        g_proxy_running->ResumeShared(shared);
+        g_proxy->ResumeShared(shared);
       }
       return 0;
     }
-    if (stream != nullptr) g_proxy_running->RequestEnded(static_cast<Downstream*>(stream));
+    if (stream != nullptr) g_proxy->RequestEnded(static_cast<Downstream*>(stream));
     return 0;
   }
 
@@ -1461,11 +1458,11 @@ class Proxy {
     if (conn->upstream) {
       auto* upstream = static_cast<Upstreamed*>(stream);
       if (upstream->shared)
-        g_proxy_running->SharedData(static_cast<Shared*>(upstream), data, length);
+        g_proxy->SharedData(static_cast<Shared*>(upstream), data, length);
       else
-        g_proxy_running->ResponseData(static_cast<Call*>(upstream), data, length);
+        g_proxy->ResponseData(static_cast<Call*>(upstream), data, length);
     } else
-      g_proxy_running->RequestData(static_cast<Downstream*>(stream), data, length);
+      g_proxy->RequestData(static_cast<Downstream*>(stream), data, length);
     return 0;
   }
 
@@ -1478,14 +1475,14 @@ class Proxy {
     if (conn->upstream) {
       auto* upstream = static_cast<Upstreamed*>(stream);
       if (upstream->shared)
-        g_proxy_running->SharedStreamClosed(static_cast<Shared*>(upstream), error_code);
+        g_proxy->SharedStreamClosed(static_cast<Shared*>(upstream), error_code);
       else
-        g_proxy_running->StreamClosed(static_cast<Call*>(upstream), error_code);
+        g_proxy->StreamClosed(static_cast<Call*>(upstream), error_code);
     } else {
       auto* down = static_cast<Downstream*>(stream);
       conn->downstreams.erase(down);
       down->conn = nullptr;
-      g_proxy_running->DownstreamClosed(down, error_code != NGHTTP2_NO_ERROR);
+      g_proxy->DownstreamClosed(down, error_code != NGHTTP2_NO_ERROR);
     }
     return 0;
   }
@@ -1517,7 +1514,6 @@ class Proxy {
   std::vector<Event> events_;
 };
 
-Proxy* Proxy::g_proxy_running = nullptr;
 
 // ---- the Python module -----------------------------------------------------------------
 
@@ -1537,16 +1533,14 @@ PyObject* Start(PyObject*, PyObject* args) {
   }
   auto proxy = std::make_unique<Proxy>(control, retry_on_failure != 0);
   proxy->MakeCallbacks();
-  Proxy::g_proxy_running = proxy.get();
   int port = 0;
   std::string error;
   if (!proxy->Start(listen, &port, &error)) {
-    Proxy::g_proxy_running = nullptr;
     PyErr_Format(PyExc_OSError, "cannot listen on %s: %s", listen, error.c_str());
     return nullptr;
   }
   int fd = proxy->epoll_fd();
-  g_proxy = proxy.release();
+  g_proxy = proxy.release();  // nghttp2's callbacks reach it here
   return Py_BuildValue("(ii)", port, fd);
 }
 
@@ -1670,7 +1664,6 @@ PyObject* Close(PyObject*, PyObject*) {
   proxy->CloseAll();
   PyObject* events = EventList(proxy->TakeEvents());
   g_proxy = nullptr;
-  Proxy::g_proxy_running = nullptr;
   delete proxy;
   return events;
 }
