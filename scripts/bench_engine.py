@@ -13,6 +13,11 @@ One run does three steps:
      prompts of 64 random token ids, greedy, exactly 64 new tokens, for each B in the same list.
      tok/s = B*64/elapsed; TTFT = a generate with max_new_tokens=1; ITL = (elapsed-TTFT)/63.
      p50/p99 are over --generate-repeats runs.
+     Steps 1 and 2 then add, at concurrency 32, one run per --output-stddevs value: each
+     request asks for a length GenAI-Perf draws around 64 with that standard deviation
+     (exactly that many tokens), and generate() runs the same requests in static batches of
+     32, each batch until its longest request is done (what static batching costs, and what
+     in-flight batching saves by refilling a finished request's slot at once).
   3. engine alone: the same engine in this process with no server, on the serving step's
      workload (the same number of requests, at most N running): how much of the engine's own
      speed the serving path keeps. --skip-alone leaves it out.
@@ -55,6 +60,10 @@ SERVER_MODELS = ("llm",)  # its engine runs in its own process
 INPUT_TOKENS = 64
 OUTPUT_TOKENS = 64
 DEFAULT_CONCURRENCY = (1, 4, 8, 32)
+# Extra runs at the target concurrency whose requested output lengths vary around
+# OUTPUT_TOKENS (GenAI-Perf's bounded normal, this standard deviation): a static batch runs
+# until its longest request is done, in-flight batching refills a finished request's slot.
+DEFAULT_OUTPUT_STDDEVS = (32, 64)
 QUICK_CONCURRENCY = (1, 4)
 # Targets from the engine issue.
 THROUGHPUT_TARGET_CONCURRENCY = 32
@@ -85,6 +94,19 @@ def parse_int_list(text: str) -> list[int]:
             f"expected comma-separated integers, got {text!r}") from None
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def parse_stddev_list(text: str) -> list[int]:
+    if text.strip().lower() in ("", "none"):
+        return []
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers or 'none', got {text!r}")
     return values
 
 
@@ -119,8 +141,12 @@ def genai_perf_command(
     url: str, concurrency: int, request_count: int, tokenizer: Path, artifact_dir: Path,
     extra_args: Sequence[str] = (), genai_perf: Path | str = GENAI_PERF,
     input_tokens: int = INPUT_TOKENS, output_tokens: int = OUTPUT_TOKENS,
+    output_stddev: int = 0,
 ) -> list[str]:
     """The GenAI-Perf 0.0.16 `profile` command for one concurrency against `llm`.
+
+    Each request asks for exactly its output length (max_tokens = min_tokens): OUTPUT_TOKENS,
+    or with `output_stddev` a length GenAI-Perf draws per request (normal, at least 1).
 
     No --warmup-request-count: with concurrency > 1 it makes perf_analyzer (tritonclient 2.50)
     send requests for ever; `warm_up()` warms the server instead.
@@ -135,6 +161,7 @@ def genai_perf_command(
         "--synthetic-input-tokens-stddev", "0",
         "--output-tokens-mean", str(output_tokens),
         "--output-tokens-mean-deterministic",
+        *(["--output-tokens-stddev", str(output_stddev)] if output_stddev else []),
         "--random-seed", "0",
         "--tokenizer", str(tokenizer),
         "--artifact-dir", str(artifact_dir),
@@ -358,7 +385,7 @@ def bench_serving(args: argparse.Namespace, artifact_dir: Path) -> dict[str, Any
     from python_backends.tools.triton_server import TritonServer
 
     server = None
-    results: dict[str, Any] = {"runs": [], "commands": []}
+    results: dict[str, Any] = {"runs": [], "variable_runs": [], "commands": []}
     try:
         if args.url:
             url = args.url
@@ -381,45 +408,90 @@ def bench_serving(args: argparse.Namespace, artifact_dir: Path) -> dict[str, Any
                            server_process=server.process if server else None)
             results["warmup_requests"] = args.warmup_requests
             log(f"serving: warm-up done in {took:.1f} s")
+        process = server.process if server else None
         for c in args.concurrency:
-            count = args.request_count or default_request_count(c, args.quick)
-            run_dir = artifact_dir / f"genai-perf-c{c}"
-            cmd = genai_perf_command(url, c, count, args.tokenizer, run_dir,
-                                     args.genai_perf_args)
-            results["commands"].append(shlex.join(display_path(Path(a)) if a.startswith("/")
-                                                  else a for a in cmd))
-            log(f"serving: concurrency {c}: {count} requests ...")
-            started = time.monotonic()
-            run: dict[str, Any] = {"concurrency": c, "request_count": count,
-                                   "log": display_path(run_dir)}
-            try:
-                run_genai_perf(cmd, run_dir / "genai-perf.log", args.genai_perf_timeout,
-                               server.process if server else None)
-                export = find_genai_perf_export(run_dir)
-                run.update(parse_genai_perf_export(export))
-                run["export"] = display_path(export)
-            except BenchError as exc:
-                run["error"] = str(exc)
-                log(f"serving: concurrency {c} FAILED: {exc}")
-                if isinstance(exc, ServerDied):
-                    # Later concurrencies would measure a broken server: record and stop.
-                    results["runs"].append(run)
-                    results["error"] = str(exc)
-                    break
-            run["wall_s"] = round(time.monotonic() - started, 1)
+            run = _serving_run(args, url, c, artifact_dir / f"genai-perf-c{c}", results,
+                               process)
             results["runs"].append(run)
+            if "error" in results:
+                break
+            if "error" not in run and run["output_sequence_length_avg"] != OUTPUT_TOKENS:
+                log(f"serving: warning: mean output length is not {OUTPUT_TOKENS}")
+        c = variable_length_concurrency(args.concurrency)
+        for stddev in [] if "error" in results else args.output_stddevs:
+            run_dir = artifact_dir / f"genai-perf-c{c}-stddev{stddev}"
+            run = _serving_run(args, url, c, run_dir, results, process, stddev)
             if "error" not in run:
-                log(f"serving: concurrency {c}: {run['output_token_throughput']:.1f} tok/s, "
-                    f"TTFT p50 {run['ttft_ms']['p50']:.0f} ms, ITL p50 {run['itl_ms']['p50']:.1f}"
-                    f" ms, output length {run['output_sequence_length_avg']:.1f} "
-                    f"({run['wall_s']:.0f} s)")
-                if run["output_sequence_length_avg"] != OUTPUT_TOKENS:
-                    log(f"serving: warning: mean output length is not {OUTPUT_TOKENS}")
+                run["requested_lengths"] = requested_output_lengths(run_dir,
+                                                                    run["request_count"])
+            results["variable_runs"].append(run)
+            if "error" in results:
+                break
     finally:
         if server is not None:
             log("serving: stopping tritonserver ...")
             server.stop()
     return results
+
+
+def _serving_run(args: argparse.Namespace, url: str, c: int, run_dir: Path,
+                 results: dict[str, Any], server_process: subprocess.Popen | None,
+                 output_stddev: int = 0) -> dict[str, Any]:
+    """One GenAI-Perf run at concurrency `c`; its command goes into results["commands"]. A
+    dead server also sets results["error"]: later runs would measure a broken server."""
+    count = args.request_count or default_request_count(c, args.quick)
+    cmd = genai_perf_command(url, c, count, args.tokenizer, run_dir, args.genai_perf_args,
+                             output_stddev=output_stddev)
+    results["commands"].append(shlex.join(display_path(Path(a)) if a.startswith("/")
+                                          else a for a in cmd))
+    what = f"concurrency {c}" + (f", output stddev {output_stddev}" if output_stddev else "")
+    log(f"serving: {what}: {count} requests ...")
+    started = time.monotonic()
+    run: dict[str, Any] = {"concurrency": c, "request_count": count,
+                           "log": display_path(run_dir)}
+    if output_stddev:
+        run["output_stddev"] = output_stddev
+    try:
+        run_genai_perf(cmd, run_dir / "genai-perf.log", args.genai_perf_timeout,
+                       server_process)
+        export = find_genai_perf_export(run_dir)
+        run.update(parse_genai_perf_export(export))
+        run["export"] = display_path(export)
+    except BenchError as exc:
+        run["error"] = str(exc)
+        log(f"serving: {what} FAILED: {exc}")
+        if isinstance(exc, ServerDied):
+            results["error"] = str(exc)
+    run["wall_s"] = round(time.monotonic() - started, 1)
+    if "error" not in run:
+        log(f"serving: {what}: {run['output_token_throughput']:.1f} tok/s, "
+            f"TTFT p50 {run['ttft_ms']['p50']:.0f} ms, ITL p50 {run['itl_ms']['p50']:.1f}"
+            f" ms, output length {run['output_sequence_length_avg']:.1f} "
+            f"({run['wall_s']:.0f} s)")
+    return run
+
+
+def variable_length_concurrency(concurrencies: Sequence[int]) -> int:
+    """Where the variable-length runs go: the target concurrency, else the largest run."""
+    if THROUGHPUT_TARGET_CONCURRENCY in concurrencies:
+        return THROUGHPUT_TARGET_CONCURRENCY
+    return max(concurrencies)
+
+
+def requested_output_lengths(run_dir: Path, count: int) -> list[int]:
+    """The output lengths GenAI-Perf asked for, in the order it sends its requests (its
+    inputs.json entries from the first; `max_tokens` of each sampling_parameters)."""
+    found = sorted(Path(run_dir).rglob("inputs.json"))
+    if not found:
+        raise BenchError(f"GenAI-Perf wrote no inputs.json under {run_dir}")
+    entries = json.loads(found[-1].read_text())["data"]
+    lengths = []
+    for entry in entries[:count]:
+        params = json.loads(entry["sampling_parameters"][0])
+        lengths.append(int(params["max_tokens"]))
+    if len(lengths) < count:  # perf_analyzer cycles through the entries
+        lengths = [lengths[i % len(lengths)] for i in range(count)]
+    return lengths
 
 
 # ----------------------------------------------------------------------------- generate()
@@ -449,8 +521,12 @@ def generate_stats(batch: int, elapsed_s: Sequence[float], ttft_s: Sequence[floa
 
 
 def bench_generate(model_dir: Path, batches: Iterable[int], repeats: int,
+                   variable_lengths: dict[int, list[int]] | None = None,
                    seed: int = 0) -> dict[str, Any]:
-    """Step 2: transformers generate() baseline, fp32, greedy, exactly OUTPUT_TOKENS new tokens."""
+    """Step 2: transformers generate() baseline, fp32, greedy, exactly OUTPUT_TOKENS new tokens.
+
+    `variable_lengths` (output stddev -> the lengths the serving run asked for): static batches
+    of the same requests in the same order, each run until its longest request is done."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -489,7 +565,36 @@ def bench_generate(model_dir: Path, batches: Iterable[int], repeats: int,
             log(f"generate: batch {b} run {i + 1}/{repeats}: {elapsed[-1]:.2f} s "
                 f"({b * OUTPUT_TOKENS / elapsed[-1]:.1f} tok/s), TTFT {ttft[-1] * 1e3:.0f} ms")
         results["runs"].append(generate_stats(b, elapsed, ttft))
+    results["variable_runs"] = []
+    for stddev, lengths in (variable_lengths or {}).items():
+        batch = variable_length_concurrency(list(batches))
+        timings = []
+        for start in range(0, len(lengths), batch):
+            chunk = lengths[start:start + batch]
+            timings.append((chunk, run(len(chunk), max(chunk))))
+            log(f"generate: output stddev {stddev}: batch of {len(chunk)} run to "
+                f"{max(chunk)} tokens for {sum(chunk)} requested: {timings[-1][1]:.2f} s")
+        results["variable_runs"].append(static_batch_stats(stddev, timings))
     return results
+
+
+def static_batch_stats(stddev: int, timings: Sequence[tuple[Sequence[int], float]]
+                       ) -> dict[str, Any]:
+    """Static batching on requests of different lengths, from (requested lengths, seconds) per
+    batch: each batch runs as many steps as its longest request, so tok/s counts the tokens
+    requested, and the rest of what it computed is waste."""
+    requested = sum(sum(chunk) for chunk, _ in timings)
+    computed = sum(len(chunk) * max(chunk) for chunk, _ in timings)
+    elapsed = sum(seconds for _, seconds in timings)
+    return {
+        "output_stddev": stddev,
+        "batches": [{"lengths": list(chunk), "elapsed_s": round(seconds, 4)}
+                    for chunk, seconds in timings],
+        "requested_tokens": requested,
+        "computed_tokens": computed,
+        "wasted_share": 1 - requested / computed,
+        "output_token_throughput": requested / elapsed,
+    }
 
 
 def bench_engine_alone(model_dir: Path, concurrencies: Iterable[int],
@@ -583,8 +688,25 @@ def compare(serving: dict[str, Any] | None, generate: dict[str, Any] | None,
     return rows
 
 
-def evaluate_targets(rows: list[dict]) -> list[dict[str, Any]]:
-    """The issue's two targets, each with the measured ratio and met / not met / not measured."""
+def compare_variable(serving: dict[str, Any] | None, generate: dict[str, Any] | None
+                     ) -> list[dict]:
+    """One row per output stddev of the variable-length runs."""
+    eng = {r["output_stddev"]: r for r in (serving or {}).get("variable_runs", [])
+           if "error" not in r}
+    gen = {r["output_stddev"]: r for r in (generate or {}).get("variable_runs", [])}
+    return [{"output_stddev": sd, "engine": eng.get(sd), "generate": gen.get(sd),
+             "throughput_ratio": _ratio(eng.get(sd) and eng[sd]["output_token_throughput"],
+                                        gen.get(sd) and gen[sd]["output_token_throughput"])}
+            for sd in sorted(set(eng) | set(gen))]
+
+
+def _status(ratio: float | None, met: bool) -> str:
+    return "not measured" if ratio is None else ("met" if met else "not met")
+
+
+def evaluate_targets(rows: list[dict], variable: list[dict] = ()) -> list[dict[str, Any]]:
+    """The issue's two targets, each with the measured ratio and met / not met / not measured;
+    the throughput target again for each set of variable output lengths."""
     by_n = {r["n"]: r for r in rows}
     targets = []
     row = by_n.get(THROUGHPUT_TARGET_CONCURRENCY, {})
@@ -607,6 +729,17 @@ def evaluate_targets(rows: list[dict]) -> list[dict[str, Any]]:
         "status": "not measured" if ratio is None
         else ("met" if ratio <= ITL_TARGET_RATIO else "not met"),
     })
+    for row in variable:
+        ratio = row["throughput_ratio"]
+        c = (row["engine"] or {}).get("concurrency", THROUGHPUT_TARGET_CONCURRENCY)
+        targets.append({
+            "name": (f"throughput, output lengths ~{OUTPUT_TOKENS} with stddev "
+                     f"{row['output_stddev']}: engine tok/s at concurrency {c} >= "
+                     f"{THROUGHPUT_TARGET_RATIO:g}x static-batch generate() on the same "
+                     f"requests"),
+            "ratio": ratio,
+            "status": _status(ratio, ratio is not None and ratio >= THROUGHPUT_TARGET_RATIO),
+        })
     return targets
 
 
@@ -614,6 +747,7 @@ def build_report(serving: dict[str, Any] | None, generate: dict[str, Any] | None
                  machine: dict[str, Any], settings: dict[str, Any],
                  alone: dict[str, Any] | None = None) -> dict[str, Any]:
     rows = compare(serving, generate, alone)
+    variable = compare_variable(serving, generate)
     return {
         "settings": settings,
         "machine": machine,
@@ -622,7 +756,9 @@ def build_report(serving: dict[str, Any] | None, generate: dict[str, Any] | None
         "engine_alone": alone,
         "comparison": [{"n": r["n"], "throughput_ratio": r["throughput_ratio"],
                         "served_share_of_engine_alone": r["served_share"]} for r in rows],
-        "targets": evaluate_targets(rows),
+        "variable_comparison": [{"output_stddev": r["output_stddev"],
+                                 "throughput_ratio": r["throughput_ratio"]} for r in variable],
+        "targets": evaluate_targets(rows, variable),
     }
 
 
@@ -673,6 +809,33 @@ def render_markdown(report: dict[str, Any]) -> str:
                   for c in s["concurrency"] if c not in done]
     if notes:
         lines += ["", "Serving runs that produced no numbers:", "", *notes]
+    variable = compare_variable(report.get("serving"), report.get("generate"))
+    if variable:
+        lines += [
+            "",
+            "Output lengths that vary: the same, but each request asks for its own length "
+            f"(GenAI-Perf's bounded normal around {s['output_tokens']}: "
+            "`--output-tokens-stddev`, still exactly that many tokens each), and generate() "
+            "runs the same requests in static batches of N in the same order, each batch until "
+            "its longest request is done; its tok/s counts the tokens the requests asked for.",
+            "",
+            "| output stddev | N | mean length | longest | engine tok/s | generate tok/s "
+            "| ratio (engine/generate) | generate: computed past a request's end "
+            "| engine TTFT p50/p99 ms | engine ITL p50/p99 ms |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in variable:
+            e, g = r["engine"], r["generate"]
+            lengths = (e or {}).get("requested_lengths") or []
+            mean = sum(lengths) / len(lengths) if lengths else None
+            wasted = "-" if not g else f"{g['wasted_share']:.0%}"
+            lines.append(
+                f"| {r['output_stddev']} | {(e or {}).get('concurrency', '-')} | {_fmt(mean)} "
+                f"| {max(lengths) if lengths else '-'} "
+                f"| {_fmt(e and e['output_token_throughput'])} "
+                f"| {_fmt(g and g['output_token_throughput'])} | {_fmt(r['throughput_ratio'], 2)} "
+                f"| {wasted} "
+                f"| {_pair(e, 'ttft_ms')} | {_pair(e, 'itl_ms', 1)} |")
     lines += ["", "Targets:", ""]
     for t in report["targets"]:
         ratio = "" if t["ratio"] is None else f" (measured {t['ratio']:.2f}x)"
@@ -721,6 +884,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="smoke run in a couple of minutes: concurrency/batch 1,4, few "
                              "requests, one generate() repeat; reports go to the artifact "
                              "directory unless --out-dir is given")
+    parser.add_argument("--output-stddevs", type=parse_stddev_list, default=None,
+                        help="extra runs at concurrency 32 (else the largest) whose requested "
+                             f"output lengths vary around {OUTPUT_TOKENS} with these standard "
+                             "deviations, against static-batch generate() on the same lengths "
+                             f"(default {','.join(map(str, DEFAULT_OUTPUT_STDDEVS))}; with "
+                             "--quick none; 'none': none)")
     parser.add_argument("--url", default=None,
                         help="gRPC host:port of a running server with `llm` loaded; default: "
                              "start one (models engine,llm) on free ports")
@@ -753,6 +922,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                 else DEFAULT_CONCURRENCY)
     if args.generate_repeats is None:
         args.generate_repeats = 1 if args.quick else 3
+    if args.output_stddevs is None:
+        args.output_stddevs = [] if args.quick else list(DEFAULT_OUTPUT_STDDEVS)
     if args.warmup_requests is None:
         args.warmup_requests = 2 if args.quick else 4
     if args.generate_repeats < 1:
@@ -819,6 +990,7 @@ def main(argv: list[str] | None = None) -> int:
         "input_tokens": INPUT_TOKENS,
         "output_tokens": OUTPUT_TOKENS,
         "generate_repeats": args.generate_repeats,
+        "output_stddevs": args.output_stddevs,
         "model_dir": display_path(args.model_dir),
         "artifact_dir": display_path(artifact_dir),
         "generate_call": (f"AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)"
@@ -837,7 +1009,10 @@ def main(argv: list[str] | None = None) -> int:
             serving = bench_serving(args, artifact_dir)
             failed = "error" in serving or any("error" in r for r in serving["runs"])
         if not args.skip_generate:
-            generate = bench_generate(args.model_dir, args.concurrency, args.generate_repeats)
+            variable = {r["output_stddev"]: r["requested_lengths"]
+                        for r in (serving or {}).get("variable_runs", []) if "error" not in r}
+            generate = bench_generate(args.model_dir, args.concurrency, args.generate_repeats,
+                                      variable)
         if not args.skip_alone:
             alone = bench_engine_alone(args.model_dir, args.concurrency, {
                 n: args.request_count or default_request_count(n, args.quick)

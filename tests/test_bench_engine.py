@@ -192,3 +192,58 @@ def test_engine_alone_runs_the_serving_workload_in_process(model_dir):
     (run,) = result["runs"]
     assert (run["concurrency"], run["requests"], run["output_tokens"]) == (2, 3, 3 * 64)
     assert run["output_token_throughput"] > 0
+
+
+def test_static_batch_stats_count_requested_tokens_and_the_waste():
+    stats = bench.static_batch_stats(32, [([10, 30], 3.0), ([20, 20], 2.0)])
+    # batch 1 runs 30 steps for both rows, batch 2 runs 20: 100 computed, 80 asked for.
+    assert stats["requested_tokens"] == 80 and stats["computed_tokens"] == 100
+    assert stats["wasted_share"] == pytest.approx(0.2)
+    assert stats["output_token_throughput"] == pytest.approx(80 / 5.0)
+
+
+def test_requested_output_lengths_read_genai_perf_inputs(tmp_path: Path):
+    nested = tmp_path / "llm-triton-vllm-concurrency32"
+    nested.mkdir()
+    data = [{"text_input": ["x"], "sampling_parameters": [json.dumps(
+        {"max_tokens": str(n), "min_tokens": str(n)})]} for n in (70, 12, 101)]
+    (nested / "inputs.json").write_text(json.dumps({"data": data}))
+    assert bench.requested_output_lengths(tmp_path, 2) == [70, 12]
+    assert bench.requested_output_lengths(tmp_path, 5) == [70, 12, 101, 70, 12]
+    with pytest.raises(bench.BenchError, match="inputs.json"):
+        bench.requested_output_lengths(tmp_path / "nothing", 2)
+
+
+def test_report_with_variable_output_lengths():
+    report = _report(engine={32: fake_export(100.0, (2000.0, 4000.0), (250.0, 300.0))},
+                     generate={32: ([20.0], [3.0])})
+    lengths = [64, 128, 32, 32]
+    report["serving"]["variable_runs"] = [
+        {"concurrency": 32, "output_stddev": 64, "requested_lengths": lengths,
+         **bench.parse_genai_perf_export(fake_export(120.0, (2100.0, 4100.0), (260.0, 310.0)))}]
+    report["generate"]["variable_runs"] = [
+        bench.static_batch_stats(64, [(lengths[:2], 4.0), (lengths[2:], 1.0)])]
+    report = bench.build_report(report["serving"], report["generate"], report["machine"],
+                                report["settings"])
+    # generate: 256 asked for in 5 s = 51.2 tok/s; computed 2*128 + 2*32 = 320 (20% waste)
+    *_, variable = report["targets"]
+    assert variable["ratio"] == pytest.approx(120.0 / 51.2) and variable["status"] == "met"
+    assert "stddev 64" in variable["name"]
+    md = bench.render_markdown(report)
+    assert "| 64 | 32 | 64.0 | 128 | 120.0 | 51.2 | 2.34 | 20% | 2100 / 4100 |" in md
+    json.dumps(report)
+
+
+def test_genai_perf_command_with_output_stddev_and_the_option():
+    cmd = bench.genai_perf_command("h:1", 32, 64, Path("/m"), Path("/a"), output_stddev=32)
+    assert "--output-tokens-stddev 32" in " ".join(cmd)
+    assert "--output-tokens-stddev" not in bench.genai_perf_command("h:1", 1, 8, Path("/m"),
+                                                                    Path("/a"))
+    assert bench.parse_args([]).output_stddevs == [32, 64]
+    assert bench.parse_args(["--quick"]).output_stddevs == []
+    assert bench.parse_args(["--output-stddevs", "none"]).output_stddevs == []
+    assert bench.parse_args(["--output-stddevs", "16"]).output_stddevs == [16]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--output-stddevs", "0"])
+    assert bench.variable_length_concurrency([1, 4, 8, 32]) == 32
+    assert bench.variable_length_concurrency([1, 4]) == 4
