@@ -17,7 +17,8 @@ One run does three steps:
      request asks for a length GenAI-Perf draws around 64 with that standard deviation
      (exactly that many tokens), and generate() runs the same requests in static batches of
      32, each batch until its longest request is done (what static batching costs, and what
-     in-flight batching saves by refilling a finished request's slot at once).
+     in-flight batching saves by refilling a finished request's slot at once); six waves of
+     requests (--variable-request-count), so the run's tail is a small part of it.
   3. engine alone: the same engine in this process with no server, on the serving step's
      workload (the same number of requests, at most N running): how much of the engine's own
      speed the serving path keeps. --skip-alone leaves it out.
@@ -64,6 +65,7 @@ DEFAULT_CONCURRENCY = (1, 4, 8, 32)
 # OUTPUT_TOKENS (GenAI-Perf's bounded normal, this standard deviation): a static batch runs
 # until its longest request is done, in-flight batching refills a finished request's slot.
 DEFAULT_OUTPUT_STDDEVS = (32, 64)
+VARIABLE_WAVES = 6
 QUICK_CONCURRENCY = (1, 4)
 # Targets from the engine issue.
 THROUGHPUT_TARGET_CONCURRENCY = 32
@@ -439,7 +441,8 @@ def _serving_run(args: argparse.Namespace, url: str, c: int, run_dir: Path,
                  output_stddev: int = 0) -> dict[str, Any]:
     """One GenAI-Perf run at concurrency `c`; its command goes into results["commands"]. A
     dead server also sets results["error"]: later runs would measure a broken server."""
-    count = args.request_count or default_request_count(c, args.quick)
+    count = (args.variable_request_count or variable_request_count(c)) if output_stddev else (
+        args.request_count or default_request_count(c, args.quick))
     cmd = genai_perf_command(url, c, count, args.tokenizer, run_dir, args.genai_perf_args,
                              output_stddev=output_stddev)
     results["commands"].append(shlex.join(display_path(Path(a)) if a.startswith("/")
@@ -469,6 +472,13 @@ def _serving_run(args: argparse.Namespace, url: str, c: int, run_dir: Path,
             f" ms, output length {run['output_sequence_length_avg']:.1f} "
             f"({run['wall_s']:.0f} s)")
     return run
+
+
+def variable_request_count(concurrency: int) -> int:
+    """Requests of a variable-length run: six waves, so that the end of the run, when the
+    last long requests finish with few others left to batch (static batching's loss, but
+    also in-flight batching's once nothing is left to admit), is a small part of it."""
+    return VARIABLE_WAVES * concurrency
 
 
 def variable_length_concurrency(concurrencies: Sequence[int]) -> int:
@@ -890,6 +900,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "deviations, against static-batch generate() on the same lengths "
                              f"(default {','.join(map(str, DEFAULT_OUTPUT_STDDEVS))}; with "
                              "--quick none; 'none': none)")
+    parser.add_argument("--variable-request-count", type=int, default=None,
+                        help=f"requests per variable-length run (default {VARIABLE_WAVES}x "
+                             "the concurrency)")
     parser.add_argument("--url", default=None,
                         help="gRPC host:port of a running server with `llm` loaded; default: "
                              "start one (models engine,llm) on free ports")
@@ -928,8 +941,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup_requests = 2 if args.quick else 4
     if args.generate_repeats < 1:
         parser.error("--generate-repeats must be at least 1")
-    if args.request_count is not None and args.request_count < 1:
-        parser.error("--request-count must be at least 1")
+    for name in ("request_count", "variable_request_count"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.skip_serving and args.skip_generate:
         parser.error("--skip-serving and --skip-generate leave nothing to run")
     args.model_dir = args.model_dir or default_model_dir()

@@ -247,3 +247,6 @@ def test_genai_perf_command_with_output_stddev_and_the_option():
         bench.parse_args(["--output-stddevs", "0"])
     assert bench.variable_length_concurrency([1, 4, 8, 32]) == 32
     assert bench.variable_length_concurrency([1, 4]) == 4
+    assert bench.variable_request_count(32) == 192
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variable-request-count", "0"])
