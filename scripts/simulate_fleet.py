@@ -133,7 +133,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{s['prefixes_per_instance']} prefixes of {s['prefix_tokens']} tokens per instance, "
         f"{s['uses']} uses of each, {s['suffix_tokens']}-token questions, {s['output_tokens']} "
         "output tokens, 2 requests in flight per instance; each instance's pool holds its "
-        "share of the prefixes plus its running requests and one more.", "",
+        "share of the prefixes plus its running requests and one more. Above 8 instances the "
+        "policies weigh a random sample of the fleet (`sample_size`), so those rows move a "
+        "little from one run of this script to the next.", "",
         "| instances | policy | hit rate | x RR (range over workloads) | tok/s x RR "
         "| prompt tokens computed |",
         "|---:|---|---:|---:|---:|---:|",
