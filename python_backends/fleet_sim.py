@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from python_backends.engine.block_manager import BlockManager
 from python_backends.engine.sampling import SamplingParams
 from python_backends.engine.sequence import Sequence as EngineSequence
-from router.policies import create_policy
+from router.policies import POLICIES, create_policy
 from router.policies.base import EngineLoad, InstanceState, RouteRequest, token_key
 
 MODEL = "llm"
@@ -97,10 +97,17 @@ class _Instance:
                                    >= HIT_RATE_MIN_QUERIED else None))
 
 
+def _seeded(policy: str, seed: int, options: dict | None) -> dict:
+    """The policy's options with the workload's seed for its random sampling (at fleets
+    larger than its sample size), so that a simulation repeats exactly."""
+    fields = getattr(POLICIES[policy].config_class, "__dataclass_fields__", {})
+    return {"seed": seed, **(options or {})} if "seed" in fields else dict(options or {})
+
+
 def simulate(policy: str, workload: Workload, fleet: Fleet,
              policy_options: dict | None = None) -> dict:
     """Run `workload` through `policy` in front of `fleet`; the numbers of one run."""
-    router = create_policy(policy, policy_options)
+    router = create_policy(policy, _seeded(policy, workload.seed, policy_options))
     instances = [_Instance(InstanceState(f"instance-{i}"),
                            BlockManager(fleet.blocks_per_instance, fleet.block_size))
                  for i in range(fleet.instances)]

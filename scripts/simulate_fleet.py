@@ -134,8 +134,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{s['uses']} uses of each, {s['suffix_tokens']}-token questions, {s['output_tokens']} "
         "output tokens, 2 requests in flight per instance; each instance's pool holds its "
         "share of the prefixes plus its running requests and one more. Above 8 instances the "
-        "policies weigh a random sample of the fleet (`sample_size`), so those rows move a "
-        "little from one run of this script to the next.", "",
+        "policies weigh a random sample of the fleet (`sample_size`), seeded with the "
+        "workload's seed, so every run of this script gives the same numbers.", "",
         "| instances | policy | hit rate | x RR (range over workloads) | tok/s x RR "
         "| prompt tokens computed |",
         "|---:|---|---:|---:|---:|---:|",

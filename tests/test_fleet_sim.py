@@ -87,3 +87,12 @@ def test_script_writes_its_reports(tmp_path):
         script.parse_args(["--policies", "nope"])
     with pytest.raises(SystemExit):
         script.parse_args(["--instances", "0"])
+
+
+def test_a_simulation_repeats_exactly_at_fleets_that_sample():
+    # 12 instances: the policies weigh a random sample of 8, seeded with the workload's seed.
+    workload = Workload(prefixes=12, prefix_tokens=32, suffix_tokens=16, output_tokens=2,
+                        requests=60, concurrency=12)
+    fleet = Fleet(instances=12, blocks_per_instance=12)
+    for policy in ("least_connections", "prefix", "kv_aware"):
+        assert simulate(policy, workload, fleet) == simulate(policy, workload, fleet), policy
