@@ -100,16 +100,8 @@ def parse_int_list(text: str) -> list[int]:
 
 
 def parse_stddev_list(text: str) -> list[int]:
-    if text.strip().lower() in ("", "none"):
-        return []
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated positive integers or 'none', got {text!r}")
-    return values
+    """`parse_int_list`, or 'none' (or nothing) for no value."""
+    return [] if text.strip().lower() in ("", "none") else parse_int_list(text)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -423,9 +415,6 @@ def bench_serving(args: argparse.Namespace, artifact_dir: Path) -> dict[str, Any
         for stddev in [] if "error" in results else args.output_stddevs:
             run_dir = artifact_dir / f"genai-perf-c{c}-stddev{stddev}"
             run = _serving_run(args, url, c, run_dir, results, process, stddev)
-            if "error" not in run:
-                run["requested_lengths"] = requested_output_lengths(run_dir,
-                                                                    run["request_count"])
             results["variable_runs"].append(run)
             if "error" in results:
                 break
@@ -460,6 +449,8 @@ def _serving_run(args: argparse.Namespace, url: str, c: int, run_dir: Path,
         export = find_genai_perf_export(run_dir)
         run.update(parse_genai_perf_export(export))
         run["export"] = display_path(export)
+        if output_stddev:
+            run["requested_lengths"] = requested_output_lengths(run_dir, count)
     except BenchError as exc:
         run["error"] = str(exc)
         log(f"serving: {what} FAILED: {exc}")
@@ -576,8 +567,8 @@ def bench_generate(model_dir: Path, batches: Iterable[int], repeats: int,
                 f"({b * OUTPUT_TOKENS / elapsed[-1]:.1f} tok/s), TTFT {ttft[-1] * 1e3:.0f} ms")
         results["runs"].append(generate_stats(b, elapsed, ttft))
     results["variable_runs"] = []
+    batch = variable_length_concurrency(list(batches))
     for stddev, lengths in (variable_lengths or {}).items():
-        batch = variable_length_concurrency(list(batches))
         timings = []
         for start in range(0, len(lengths), batch):
             chunk = lengths[start:start + batch]
@@ -726,8 +717,7 @@ def evaluate_targets(rows: list[dict], variable: list[dict] = ()) -> list[dict[s
                  f"{THROUGHPUT_TARGET_RATIO:g}x generate() at batch "
                  f"{THROUGHPUT_TARGET_CONCURRENCY}"),
         "ratio": ratio,
-        "status": "not measured" if ratio is None
-        else ("met" if ratio >= THROUGHPUT_TARGET_RATIO else "not met"),
+        "status": _status(ratio, ratio is not None and ratio >= THROUGHPUT_TARGET_RATIO),
     })
     row = by_n.get(1, {})
     e, g = row.get("engine"), row.get("generate")
@@ -736,8 +726,7 @@ def evaluate_targets(rows: list[dict], variable: list[dict] = ()) -> list[dict[s
         "name": (f"single-stream latency: engine ITL p50 at concurrency 1 <= "
                  f"{ITL_TARGET_RATIO:g}x generate() ITL at batch 1"),
         "ratio": ratio,
-        "status": "not measured" if ratio is None
-        else ("met" if ratio <= ITL_TARGET_RATIO else "not met"),
+        "status": _status(ratio, ratio is not None and ratio <= ITL_TARGET_RATIO),
     })
     for row in variable:
         ratio = row["throughput_ratio"]

@@ -24,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def mean_runs(policies: list[str], workload: Workload, fleet: Fleet, seeds: int
               ) -> dict[str, dict[str, Any]]:
     """Per policy: hit rate, its ratio to round_robin and the throughput ratio, averaged over
     `seeds` workloads, with the range of the hit-rate ratio."""
-    per_seed = [compare(policies, Workload(**{**workload.__dict__, "seed": seed}), fleet)
+    per_seed = [compare(policies, replace(workload, seed=seed), fleet)
                 for seed in range(seeds)]
     out = {}
     for i, policy in enumerate(policies):
@@ -64,23 +65,28 @@ def mean_runs(policies: list[str], workload: Workload, fleet: Fleet, seeds: int
     return out
 
 
-def measured_hit_rates(path: Path = MEASURED_REPORT) -> dict[str, float]:
-    """Hit rates of the last real routing-quality run, per policy (empty if none)."""
+def load_measured(path: Path = MEASURED_REPORT) -> dict[str, Any]:
+    """The last real routing-quality report (empty if there is none)."""
     try:
-        report = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def measured_hit_rates(report: dict[str, Any]) -> dict[str, float]:
+    """Hit rates of a real routing-quality run, per policy."""
     runs = report.get("shared_prefix", {}).get("runs", {})
     return {p: r["engine"]["hit_rate"] for p, r in runs.items()
             if "error" not in r and (r.get("engine") or {}).get("hit_rate") is not None}
 
 
-def benchmark_fleet(measured_report: Path = MEASURED_REPORT) -> tuple[Workload, Fleet]:
-    """The routing-quality benchmark's own fleet and workload, from its last report."""
+def benchmark_fleet(report: dict[str, Any]) -> tuple[Workload, Fleet]:
+    """The routing-quality benchmark's own fleet and workload, from its report (the defaults
+    when there is none)."""
     try:
-        sizes = json.loads(measured_report.read_text())["settings"]["sizes"]
-        pool = json.loads(measured_report.read_text())["engine"]["pool"]["blocks"]
-    except (OSError, ValueError, KeyError):
+        sizes = report["settings"]["sizes"]
+        pool = report["engine"]["pool"]["blocks"]
+    except KeyError:
         return Workload(), Fleet()
     workload = Workload(prefixes=sizes["prefix_prompts"], prefix_tokens=sizes["prefix_tokens"],
                         suffix_tokens=sizes["suffix_tokens"],
@@ -224,11 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     cost = {"prefill_cost": args.prefill_cost, "decode_step_cost": args.decode_step_cost}
-    workload, fleet = benchmark_fleet()
-    fleet = Fleet(**{**fleet.__dict__, **cost})
+    measured = load_measured()
+    workload, fleet = benchmark_fleet(measured)
+    fleet = replace(fleet, **cost)
     log(f"the benchmark's fleet: {fleet.instances} instances ...")
     bench = {"workload": workload.__dict__, "fleet": fleet.__dict__,
-             "measured_hit_rates": measured_hit_rates(),
+             "measured_hit_rates": measured_hit_rates(measured),
              "runs": mean_runs(args.policies, workload, fleet, args.seeds)}
     sizes = []
     for k in args.instances:
@@ -237,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                                  prefix_tokens=args.prefix_tokens,
                                  suffix_tokens=args.suffix_tokens,
                                  output_tokens=args.output_tokens)
-        f = Fleet(**{**f.__dict__, **cost})
+        f = replace(f, **cost)
         sizes.append({"instances": k, "workload": w.__dict__, "fleet": f.__dict__,
                       "runs": mean_runs(args.policies, w, f, args.seeds)})
     report = {
