@@ -48,9 +48,11 @@ _EVICTING_KV_USAGE = 0.9
 @dataclass(frozen=True)
 class KvAwareConfig(TreeConfig):
     # Dynamo's default is 1.0; here 1.0 left kv_aware balancing load at the cache's expense
-    # (hit rate 39% vs round_robin 36%, shared-prefix benchmark) and 8.0 unbalanced the fleet
-    # (30/16/26 requests); 2.0 gave 47%, 4.0 55% (prefix: 59%) with an even spread.
-    overlap_weight: float = option(4.0, low=0.0)
+    # (hit rate 39% vs round_robin 36%, an early 3-instance CPU benchmark). 8.0 (was 4.0):
+    # on 8 instances of one H100 at 8 requests each, 80% hit rate against 46% at 4.0
+    # (round_robin 12-13%), with requests per instance within 8% of even; the fleet
+    # simulator agrees at every fleet size it models (docs/benchmarks/fleet_gpu8.md).
+    overlap_weight: float = option(8.0, low=0.0)
     # Tokens per KV block: the engine's block_size.
     block_size: int = option(16, low=1)
     # Characters per token of text prompts (about 4 for English with BPE vocabularies).
