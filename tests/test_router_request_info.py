@@ -111,6 +111,13 @@ def test_prompt_from_raw_text_input_after_another_input():
     assert prompt_key(request) == "Tell me a story"
 
 
+def test_a_repeated_input_name_reads_the_first():
+    request = client_request(text("text_input", "first"), raw_input("priority", ["high"], "BYTES"),
+                             text("text_input", "second"), raw_input("priority", ["low"], "BYTES"))
+    route = route_request(request)
+    assert route.prompt == "first" and route.priority == PRIORITY_HIGH
+
+
 def test_prompt_from_contents_text_input():
     request = contents_request(int_tensor("max_tokens", [8]),
                                bytes_tensor("text_input", b"Tell me", b"ignored"))
