@@ -56,6 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default hybrid)")
     parser.add_argument("--model-policy", action="append", default=[], metavar="MODEL=POLICY",
                         help="routing policy for one model; repeatable")
+    parser.add_argument("--policy-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="an option of the default policy, over the config file's "
+                             "(e.g. load_weight=0.25 for prefix/hybrid, overlap_weight=4 "
+                             "for kv_aware; docs/router.md lists them); repeatable")
     parser.add_argument("--max-concurrency-per-instance", type=int,
                         help="requests in flight per instance before requests queue "
                              "(default 64)")
@@ -85,6 +89,7 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
             raise ConfigError(f"--model-policy expects MODEL=POLICY with a policy in "
                               f"{sorted(POLICIES)}; got {item!r}")
         models[model] = ModelRouting(policy)
+    options = parse_policy_options(args.policy_option)
     config = load_config(
         args.config, instances=instance_configs(args.instance), host=args.host,
         grpc_port=args.grpc_port, metrics_port=args.metrics_port,
@@ -97,10 +102,36 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
     )
     if models:
         config = replace(config, models={**config.models, **models})
+    if options:
+        config = replace(config, default_policy_options={**config.default_policy_options,
+                                                         **options})
     if not config.instances and config.dns is None:
         raise ConfigError("no instances: pass --instance HOST:PORT, --dns NAME or a --config "
                           "file with [[instances]]")
     return config
+
+
+def parse_policy_options(items: list[str]) -> dict[str, object]:
+    """NAME=VALUE pairs; a value reads as an int, a float, true/false, else text (the policy
+    then checks its type and range)."""
+    options: dict[str, object] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip() or not text.strip():
+            raise ConfigError(f"--policy-option expects NAME=VALUE; got {item!r}")
+        options[name.strip()] = _option_value(text.strip())
+    return options
+
+
+def _option_value(text: str) -> object:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 async def serve(config: RouterConfig) -> None:

@@ -186,3 +186,13 @@ def test_serve_says_when_gpu_flags_have_no_effect(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
     _plan(monkeypatch, [H100], "--gpu-kv-cache-gb", "2")
     assert capsys.readouterr().err == ""
+
+
+def test_serve_passes_policy_options_and_config_to_the_router():
+    args = serve.parse_args(["--policy", "prefix", "--policy-option", "load_weight=0.25",
+                             "--policy-option", "balance_abs_threshold=8",
+                             "--router-config", "router.toml"])
+    assert serve.router_args(args) == [
+        "--policy", "prefix", "--policy-option", "load_weight=0.25",
+        "--policy-option", "balance_abs_threshold=8", "--config", "router.toml"]
+    assert serve.router_args(serve.parse_args([])) == ["--policy", "hybrid"]

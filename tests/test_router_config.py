@@ -15,6 +15,7 @@ from router.config import (
     load_config,
     parse_address,
 )
+from router.policies import create_policy
 
 FULL_TOML = """
 grpc_port = 9101
@@ -257,3 +258,37 @@ def test_bad_dns_settings_are_rejected(settings):
     field = next(iter(settings))
     with pytest.raises(ConfigError, match=f"dns.{field}"):
         DnsConfig(**{"name": "triton.svc", **settings})
+
+
+# -- CLI: policy options -----------------------------------------------------------------
+
+def _cli_config(*flags: str):
+    from router.cli import build_config, parse_args
+
+    return build_config(parse_args(["--instance", "127.0.0.1:9001", *flags]))
+
+
+def test_policy_options_from_the_command_line_reach_the_default_policy(tmp_path):
+    config = _cli_config("--policy", "prefix", "--policy-option", "load_weight=0.25",
+                         "--policy-option", "balance_abs_threshold=8")
+    assert config.default_policy_options == {"load_weight": 0.25, "balance_abs_threshold": 8}
+    policy = create_policy(config.default_policy, config.default_policy_options)
+    assert policy.config.load_weight == 0.25 and policy.config.balance_abs_threshold == 8
+    # Over the file's options, keeping the ones the flags do not name.
+    path = tmp_path / "router.toml"
+    path.write_text('default_policy = "kv_aware"\n'
+                    "default_policy_options = { overlap_weight = 2.0, waiting_weight = 0.5 }\n")
+    config = _cli_config("--config", str(path), "--policy-option", "overlap_weight=4")
+    assert config.default_policy_options == {"overlap_weight": 4, "waiting_weight": 0.5}
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    ("load_weight", "expects NAME=VALUE"),
+    ("=0.1", "expects NAME=VALUE"),
+    ("no_such_option=1", "unknown option 'no_such_option'"),
+    ("load_weight=-1", "option 'load_weight' must be >= 0.0"),
+    ("load_weight=high", "option 'load_weight' must be"),
+])
+def test_bad_policy_options_from_the_command_line_are_config_errors(flag, message):
+    with pytest.raises(ConfigError, match=message):
+        _cli_config("--policy", "prefix", "--policy-option", flag)

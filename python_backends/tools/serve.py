@@ -80,6 +80,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--policy", default="hybrid",
                         help="the router's routing policy (default hybrid; see "
                              "`python -m router --help`)")
+    parser.add_argument("--policy-option", dest="policy_options", action="append", default=[],
+                        metavar="NAME=VALUE",
+                        help="an option of the router's policy (repeat), e.g. "
+                             "load_weight=0.25; see `python -m router --help`")
     parser.add_argument("--router-config", type=Path,
                         help="a router TOML config file (see router/config.py)")
     parser.add_argument("--triton-arg", dest="triton_args", action="append", default=[],
@@ -107,6 +111,16 @@ def select_gpus(spec: str) -> list[Gpu]:
     if int(spec) > len(gpus):
         raise ValueError(f"--gpus {spec}: only {len(gpus)} GPU(s) visible")
     return gpus[:int(spec)]
+
+
+def router_args(args: argparse.Namespace) -> list[str]:
+    """The router's flags besides its instances and ports."""
+    flags = ["--policy", args.policy]
+    for option in args.policy_options:
+        flags += ["--policy-option", option]
+    if args.router_config:
+        flags += ["--config", str(args.router_config)]
+    return flags
 
 
 def plan(args: argparse.Namespace) -> list[Placement]:
@@ -204,9 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     router = None if args.no_router else RouterProcess(
         instances=[f"{s.grpc_url},127.0.0.1:{s.metrics_port}" for s in servers],
         grpc_port=args.grpc_port, metrics_port=args.metrics_port, host="0.0.0.0",
-        extra_args=["--policy", args.policy,
-                    *(["--config", str(args.router_config)] if args.router_config else [])],
-        log_path=args.log_dir / "router.log")
+        extra_args=router_args(args), log_path=args.log_dir / "router.log")
 
     stopping = False
 
