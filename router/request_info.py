@@ -53,17 +53,12 @@ def route_request(request: service_pb2.ModelInferRequest,
 def prompt_key(request: service_pb2.ModelInferRequest,
                max_chars: int = MAX_PROMPT_CHARS) -> str:
     """The prompt's first characters, or its first token ids as a `token_key`."""
-    return prompt_and_unit(request, max_chars)[0]
-
-
-def prompt_and_unit(request: service_pb2.ModelInferRequest,
-                    max_chars: int = MAX_PROMPT_CHARS) -> tuple[str, bool]:
-    """`prompt_key`, and whether it counts tokens (True) or characters."""
-    return _prompt_and_unit(request, _input_indices(request), max_chars)
+    return _prompt_and_unit(request, _input_indices(request), max_chars)[0]
 
 
 def _prompt_and_unit(request: service_pb2.ModelInferRequest, inputs: dict[str, int],
                      max_chars: int) -> tuple[str, bool]:
+    """`prompt_key`, and whether it counts tokens (True) or characters."""
     for name in PROMPT_INPUTS:
         index = inputs.get(name)
         if index is None:

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +32,18 @@ from torch import nn
 PACK_BATCH_HINT = 64
 
 
-def _onednn_linear_ops():
+class OneDnnLinear(NamedTuple):
+    linear: Callable  # (input, packed weight, bias, "none", [], "") -> output
+    pack: Callable  # (weight, batch-size hint) -> packed weight
+
+
+def _onednn_linear_ops() -> OneDnnLinear | None:
     """oneDNN's fp32 linear and weight packing, or None where this PyTorch build lacks them."""
     if not torch.backends.mkldnn.is_available():
         return None
     try:
-        return torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight
+        return OneDnnLinear(torch.ops.mkldnn._linear_pointwise,
+                            torch.ops.mkldnn._reorder_linear_weight)
     except (AttributeError, RuntimeError):
         return None
 
@@ -63,7 +71,7 @@ class Linear(nn.Linear):
         if (ONEDNN_LINEAR is None or self.bias is not None or weight.device.type != "cpu"
                 or weight.dtype != torch.float32):
             return False
-        self.packed_weight = ONEDNN_LINEAR[1](weight.detach(), PACK_BATCH_HINT)
+        self.packed_weight = ONEDNN_LINEAR.pack(weight.detach(), PACK_BATCH_HINT)
         if not keep_weight:
             # Inference only from here on. A meta tensor keeps the shape readable and makes
             # any read of the old values fail loudly.
@@ -75,7 +83,7 @@ class Linear(nn.Linear):
         if self.packed_weight is None:
             return super().forward(x)
         flat = x.reshape(-1, x.shape[-1])
-        out = ONEDNN_LINEAR[0](flat, self.packed_weight, None, "none", [], "")
+        out = ONEDNN_LINEAR.linear(flat, self.packed_weight, None, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -397,12 +405,13 @@ class LlamaForCausalLM(nn.Module):
         last = self.norm(hidden[meta.logits_rows])
         return self.lm_head(last).float()
 
-    def pack_for_cpu(self) -> bool:
+    def pack_for_cpu(self) -> None:
         """Pack every linear layer's weight for oneDNN (see `Linear`). CPU fp32 only; a tied
         vocabulary projection packs a copy, as the embedding still reads the plain weight."""
         tied = self.config.tie_word_embeddings
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
-        return all([m.pack_for_cpu(keep_weight=tied and m is self.lm_head) for m in linears])
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack_for_cpu(keep_weight=tied and module is self.lm_head)
 
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [max_positions, head_dim // 2] (float32) for the fused RoPE kernel,
