@@ -25,6 +25,7 @@ from router.config import (
     ModelRouting,
     RouterConfig,
     load_config,
+    with_policy_options,
 )
 from router.instances import instance_configs
 from router.policies import POLICIES
@@ -89,7 +90,6 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
             raise ConfigError(f"--model-policy expects MODEL=POLICY with a policy in "
                               f"{sorted(POLICIES)}; got {item!r}")
         models[model] = ModelRouting(policy)
-    options = parse_policy_options(args.policy_option)
     config = load_config(
         args.config, instances=instance_configs(args.instance), host=args.host,
         grpc_port=args.grpc_port, metrics_port=args.metrics_port,
@@ -102,36 +102,11 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
     )
     if models:
         config = replace(config, models={**config.models, **models})
-    if options:
-        config = replace(config, default_policy_options={**config.default_policy_options,
-                                                         **options})
+    config = with_policy_options(config, args.policy_option)
     if not config.instances and config.dns is None:
         raise ConfigError("no instances: pass --instance HOST:PORT, --dns NAME or a --config "
                           "file with [[instances]]")
     return config
-
-
-def parse_policy_options(items: list[str]) -> dict[str, object]:
-    """NAME=VALUE pairs; a value reads as an int, a float, true/false, else text (the policy
-    then checks its type and range)."""
-    options: dict[str, object] = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        if not sep or not name.strip() or not text.strip():
-            raise ConfigError(f"--policy-option expects NAME=VALUE; got {item!r}")
-        options[name.strip()] = _option_value(text.strip())
-    return options
-
-
-def _option_value(text: str) -> object:
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 async def serve(config: RouterConfig) -> None:

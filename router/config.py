@@ -202,3 +202,35 @@ def _instance(item: Any) -> InstanceConfig:
     if isinstance(item, str):
         return InstanceConfig(address=item)
     return InstanceConfig(**item)
+
+
+def with_policy_options(config: RouterConfig, items: list[str]) -> RouterConfig:
+    """`config` with NAME=VALUE options (the CLI's --policy-option) over its default policy's
+    options, validated as the file's are."""
+    options = parse_policy_options(items)
+    if not options:
+        return config
+    return replace(config, default_policy_options={**config.default_policy_options, **options})
+
+
+def parse_policy_options(items: list[str]) -> dict[str, object]:
+    """NAME=VALUE pairs; a value reads as an int, a float, true/false, else text (the policy
+    then checks its type and range)."""
+    options: dict[str, object] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip() or not text.strip():
+            raise ConfigError(f"--policy-option expects NAME=VALUE; got {item!r}")
+        options[name.strip()] = _option_value(text.strip())
+    return options
+
+
+def _option_value(text: str) -> object:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

@@ -196,3 +196,20 @@ def test_serve_passes_policy_options_and_config_to_the_router():
         "--policy", "prefix", "--policy-option", "load_weight=0.25",
         "--policy-option", "balance_abs_threshold=8", "--config", "router.toml"]
     assert serve.router_args(serve.parse_args([])) == ["--policy", "hybrid"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--policy", "prefix", "--policy-option", "bogus=1"], "unknown option 'bogus'"),
+    (["--policy", "nope"], "unknown routing policy 'nope'"),
+    (["--policy-option", "load_weight=-1"], "option 'load_weight' must be >= 0.0"),
+    (["--policy-option", "load_weight"], "expects NAME=VALUE"),
+])
+def test_serve_refuses_bad_router_settings_before_starting_anything(argv, message, capsys):
+    assert message in serve.router_settings_problem(serve.parse_args(argv))
+    assert serve.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_serve_accepts_good_router_settings():
+    args = serve.parse_args(["--policy", "kv_aware", "--policy-option", "overlap_weight=4"])
+    assert serve.router_settings_problem(args) is None

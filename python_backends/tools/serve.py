@@ -35,6 +35,7 @@ from python_backends.tools.gpus import (
 from python_backends.tools.router_process import RouterProcess
 from python_backends.tools.triton_server import TritonServer, free_port
 from python_backends.triton_glue import config_parameters, hosts_engine
+from router.config import ConfigError, load_config, with_policy_options
 
 DEFAULT_MODELS = ("engine", "llm", "preprocessing", "postprocessing", "ensemble")
 
@@ -123,6 +124,17 @@ def router_args(args: argparse.Namespace) -> list[str]:
     return flags
 
 
+def router_settings_problem(args: argparse.Namespace) -> str | None:
+    """What the router would refuse in --policy, --policy-option and --router-config, checked
+    before any instance starts (the router reads them again itself)."""
+    try:
+        with_policy_options(load_config(args.router_config, default_policy=args.policy),
+                            args.policy_options)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def plan(args: argparse.Namespace) -> list[Placement]:
     """Where each instance runs (validates --gpus, --instances and the memory split)."""
     gpus = select_gpus(args.gpus)
@@ -185,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_router and args.instances > 1:
         print("error: --no-router serves one instance; drop --instances", file=sys.stderr)
         return 2
+    if not args.no_router:
+        problem = router_settings_problem(args)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     for name, port in (("HTTP", args.http_port), ("gRPC", args.grpc_port),
                        ("metrics", args.metrics_port)):
         if port_in_use(port):
