@@ -1,50 +1,94 @@
 #!/usr/bin/env bash
-# Build the router's native data plane (router/native/dataplane.cc -> router/_dataplane*.so)
-# against Debian's nghttp2 (HTTP/2). Idempotent: rebuilds only when the source changed.
-# Without a compiler or the nghttp2 headers (and no apt-get to install them) it says so and
-# exits 0: the router then carries inference through grpcio (data_plane = "auto").
+# Build the project's two native extensions, each only when its source (or this script)
+# changed:
+#   - the router's data plane: router/native/dataplane.cc -> router/_dataplane*.so, an
+#     HTTP/2 proxy on Debian's nghttp2;
+#   - the engine's CPU kernels: python_backends/engine/native/cpu_kernels.cc ->
+#     python_backends/engine/_cpu_kernels*.so, against the installed torch.
+# Without a compiler or headers (and no apt-get to install them) it says so and exits 0:
+# the router then carries inference through grpcio (data_plane = "auto") and the engine
+# runs its plain PyTorch path.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PY:-$ROOT/.venv/bin/python}"
-SOURCE=router/native/dataplane.cc
 SUFFIX="$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
-TARGET="router/_dataplane$SUFFIX"
-STAMP="$ROOT/.cache/setup/native-dataplane"
-PACKAGES=(g++ libnghttp2-dev zlib1g-dev python3-dev)
+PY_INCLUDE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+STAMPS="$ROOT/.cache/setup"
 
-want="$(cat "$SOURCE" "$0" | sha1sum | cut -d' ' -f1) $SUFFIX"
-if [[ -f "$TARGET" && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
-  echo "native data plane up to date ($TARGET)"
-  exit 0
-fi
-
-missing=()
-for package in "${PACKAGES[@]}"; do
-  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
-done
-if ((${#missing[@]})); then
+# Debian packages $@ installed, or an explanation and a non-zero status.
+have_packages() {
+  local missing=() package
+  for package in "$@"; do
+    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+  done
+  ((${#missing[@]})) || return 0
   if command -v apt-get >/dev/null && [[ "$(id -u)" == 0 ]]; then
     echo "installing ${missing[*]} (apt) ..."
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 || {
       apt-get update -q >/dev/null
       DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
     }
-  else
-    echo "warning: ${missing[*]} missing and cannot be installed here; the router will use" >&2
-    echo "         its pure-Python data plane" >&2
-    exit 0
+    return 0
   fi
-fi
+  echo "warning: ${missing[*]} missing and cannot be installed here" >&2
+  return 1
+}
 
-INCLUDES="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
-echo "compiling $SOURCE -> $TARGET ..."
-g++ -O2 -std=c++17 -shared -fPIC -Wall -Wextra -Wno-unused-parameter \
-  -Wno-missing-field-initializers -I"$INCLUDES" "$SOURCE" -o "$TARGET.tmp" \
-  -lnghttp2 -lz
-mv "$TARGET.tmp" "$TARGET"
-"$PY" -c "import router._dataplane" || { rm -f "$TARGET"; echo "error: $TARGET does not import" >&2; exit 1; }
-mkdir -p "$(dirname "$STAMP")"
-echo "$want" >"$STAMP"
-echo "native data plane built ($TARGET)"
+# build WHAT SOURCE MODULE FALLBACK PACKAGES... -- COMPILER ARGS...
+# Compiles SOURCE into MODULE's extension file (MODULE: a dotted import name) unless it is up
+# to date, then checks that it imports; FALLBACK says what runs without it.
+build() {
+  local what="$1" source="$2" module="$3" fallback="$4"
+  shift 4
+  local packages=()
+  while [[ "$1" != "--" ]]; do packages+=("$1"); shift; done
+  shift
+  local target="${module//.//}$SUFFIX" stamp="$STAMPS/native-${module##*.}"
+  local want
+  want="$(cat "$source" "$0" | sha1sum | cut -d' ' -f1) $SUFFIX $("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)"
+  if [[ -f "$target" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    echo "$what up to date ($target)"
+    return 0
+  fi
+  if ! have_packages "${packages[@]}"; then
+    echo "         $fallback" >&2
+    return 0
+  fi
+  echo "compiling $source -> $target ..."
+  g++ -std=c++20 -shared -fPIC -Wall -Wextra -Wno-unused-parameter -I"$PY_INCLUDE" \
+    "$source" -o "$target.tmp" "$@"
+  mv "$target.tmp" "$target"
+  "$PY" -c "import torch, $module" || {
+    rm -f "$target"; echo "error: $target does not import" >&2; exit 1; }
+  mkdir -p "$STAMPS"
+  echo "$want" >"$stamp"
+  echo "$what built ($target)"
+}
+
+build "router's native data plane" router/native/dataplane.cc router._dataplane \
+  "the router will use its pure-Python data plane" \
+  g++ libnghttp2-dev zlib1g-dev python3-dev -- \
+  -O2 -Wno-missing-field-initializers -lnghttp2 -lz
+
+# The torch extension: torch's headers and libraries; -fopenmp for at::parallel_for, whose
+# libgomp is torch's own at run time (same soname, loaded first). -ffp-contract=off keeps
+# elementwise math rounding as PyTorch's ops round (see the source).
+mapfile -t TORCH_FLAGS < <("$PY" - <<'EOF'
+import torch
+from torch.utils.cpp_extension import include_paths, library_paths
+for path in include_paths():  # -isystem: no warnings from torch's own headers
+    print(f"-isystem{path}")
+for path in library_paths():
+    print(f"-L{path}")
+    print(f"-Wl,-rpath,{path}")
+print(f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
+EOF
+)
+build "engine's CPU kernels" python_backends/engine/native/cpu_kernels.cc \
+  python_backends.engine._cpu_kernels "the engine will run its plain PyTorch path on the CPU" \
+  g++ python3-dev -- \
+  -O3 -march=native -ffp-contract=off -fopenmp -Wno-missing-field-initializers \
+  -DTORCH_EXTENSION_NAME=_cpu_kernels -DTORCH_API_INCLUDE_EXTENSION_H "${TORCH_FLAGS[@]}" \
+  -lc10 -ltorch -ltorch_cpu -ltorch_python

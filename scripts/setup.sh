@@ -86,7 +86,7 @@ if [[ ! -x "$GENAI/bin/genai-perf" ]]; then
 fi
 echo "perf_analyzer and genai-perf ready in $TOOLS"
 
-step "Router's native data plane (C++, nghttp2)"
+step "Native extensions (C++): the router's data plane, the engine's CPU kernels"
 PY="$PY" bash scripts/build_native.sh
 
 step "Model weights cache (SmolLM2-135M-Instruct, GGUF -> safetensors)"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import make_tiny_llama, prompts
 
 from python_backends.engine import EngineConfig, LLMEngine, SamplingParams
 from python_backends.engine.model_runner import cuda_graph_batch_sizes, padded_batch_size
@@ -28,36 +29,9 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
-def make_tiny_llama(path: Path, seed: int = 0, **overrides) -> str:
-    """A small random Llama checkpoint (transformers layout, safetensors) in `path`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    settings = dict(
-        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-        rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
-        pad_token_id=None,
-    )
-    settings.update(overrides)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**settings))
-    with torch.no_grad():  # larger than the default init, so logits are not near-ties
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0.0, 0.08)
-    model.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-
-
-def prompts(n: int, seed: int = 1, vocab: int = 512) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (int(length),), generator=gen).tolist()
-            for length in torch.randint(3, 40, (n,), generator=gen)]
 
 
 # ----------------------------------------------------------------------------- CPU
@@ -88,7 +62,7 @@ def test_enforce_eager_defaults_off_and_cpu_ignores_it(tiny_model):
     for eager in (False, True):
         engine = LLMEngine(EngineConfig(model_dir=tiny_model, device="cpu", dtype="float32",
                                         kv_cache_bytes=8 << 20, enforce_eager=eager))
-        assert engine.runner.cuda_graph_sizes == [] and not engine.runner.fused_kernels
+        assert engine.runner.cuda_graph_sizes == []
         outputs.append(engine.generate(batch, params))
     assert outputs[0] == outputs[1]
 
@@ -164,11 +138,12 @@ assert torch.allclose(tk.silu_and_mul(g), ref, atol=1e-6)
 # the whole fused forward (what runs on CUDA) against the PyTorch path, mixed steps included
 params = SamplingParams(max_tokens=10, ignore_eos=True)
 cfg = EngineConfig(model_dir=MODEL, device="cpu", dtype="float32", kv_cache_bytes=8 << 20,
-                   enable_chunked_prefill=True, max_num_batched_tokens=32, max_num_seqs=4)
+                   enable_chunked_prefill=True, max_num_batched_tokens=32, max_num_seqs=4,
+                   native_cpu_kernels=False)
 batch = PROMPTS + [PROMPTS[0][:2] * 12 + PROMPTS[1], PROMPTS[0][:2] * 12 + PROMPTS[2]]
 reference = LLMEngine(cfg).generate(batch, params)
 fused = LLMEngine(cfg)
-fused.runner.model.fused_kernels = True
+fused.runner.model.kernels = tk
 assert fused.generate(batch, params) == reference
 assert fused.generate(batch[-2:], params) == reference[-2:]  # again: from the prefix cache
 assert fused.block_manager.stats.hit_tokens > 0
@@ -195,7 +170,7 @@ def fake_capture(step, pool):
 graphs = LLMEngine(EngineConfig(model_dir=MODEL, device="cpu", dtype="float32",
                                 kv_cache_bytes=8 << 20, max_num_seqs=6))
 runner = graphs.runner
-runner.model.fused_kernels = True
+runner.model.kernels = tk
 runner._capture_graph = fake_capture
 runner._capture_cuda_graphs()
 assert runner.cuda_graph_sizes == [1, 2, 4, 6]

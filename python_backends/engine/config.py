@@ -34,6 +34,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse the KV blocks of shared prompt prefixes
     enable_chunked_prefill: bool = False  # split long prompts over steps (token budget)
     enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps; CPU is always eager
+    # CPU, float32: the C++ fused kernels (cpu_kernels) where `make setup` built them; off:
+    # plain PyTorch ops (the reference path).
+    native_cpu_kernels: bool = True
     # Served: hand each step's outputs to a sender thread, so that building and sending
     # responses (detokenizing, for `llm`) overlaps the next step instead of delaying it.
     # Off: on one H100 through `llm` (c=64) it did not raise tok/s beyond the noise and

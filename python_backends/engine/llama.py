@@ -5,13 +5,14 @@ attention needs per-sequence structure, which `AttentionMetadata` describes. Wei
 from a Hugging Face safetensors checkpoint; q/k/v and gate/up are fused at load time so a
 layer costs four matrix multiplies.
 
-Two paths compute the same function. On the CPU, plain PyTorch ops (decode attention
-gathers each sequence's blocks into a padded buffer). On CUDA, `forward` takes the fused
-path: Triton kernels (`triton_kernels`) for RMSNorm with the residual add, RoPE with the
-KV-cache write, SiLU-and-mul and paged decode attention, about nine launches a layer; its
-decode step reads every per-step value from tensors (no Python-side lengths), so the model
-runner can capture it in a CUDA graph. Prefill chunks (cached prefixes included) go through
-the same paged attention kernel, all chunks of a step in one launch.
+Two paths compute the same function. The plain one is PyTorch ops (decode attention gathers
+each sequence's blocks into a padded buffer): the reference, and the fallback. The fused
+one calls a kernels module with one interface and two implementations, about nine calls a
+layer: RMSNorm with the residual add, RoPE with the KV-cache write, SiLU-and-mul, and paged
+attention that reads keys and values through the block tables. On CUDA that is
+`triton_kernels` (its decode step reads every per-step value from tensors, so the model
+runner can capture it in a CUDA graph); on the CPU in float32, `cpu_kernels` (C++, where
+`make setup` built it).
 """
 
 from __future__ import annotations
@@ -243,25 +244,24 @@ class Attention(nn.Module):
             out[nd:] = self._prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta)
         return self.o_proj(out.reshape(n, -1))
 
-    def forward_fused(self, hidden, positions, rope_cos, rope_sin, k_cache, v_cache, meta):
-        """CUDA path: one Triton kernel for RoPE and the cache write, then paged attention:
-        one launch for the decode rows, one for all prefill chunks."""
-        from python_backends.engine import triton_kernels as tk
-
+    def forward_fused(self, hidden, positions, rope_cos, rope_sin, k_cache, v_cache, meta,
+                      kernels):
+        """Fused path (`kernels`: a kernels module): RoPE and the cache write in one call,
+        then paged attention: one call for the decode rows, one for all prefill chunks."""
         n = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
-        tk.rope_and_cache(qkv, positions, rope_cos, rope_sin, meta.slot_mapping, k_cache,
-                          v_cache, self.num_heads, self.num_kv_heads, self.head_dim)
+        kernels.rope_and_cache(qkv, positions, rope_cos, rope_sin, meta.slot_mapping, k_cache,
+                               v_cache, self.num_heads, self.num_kv_heads, self.head_dim)
         q = qkv[:, : self.split[0]].view(n, self.num_heads, self.head_dim)
         out = torch.empty((n, self.num_heads, self.head_dim), dtype=q.dtype, device=q.device)
         nd = meta.num_decode
         if nd:
-            tk.paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
-                                      meta.decode_context_lens, self.scale, out=out[:nd])
+            kernels.paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                           meta.decode_context_lens, self.scale, out=out[:nd])
         if n > nd:
-            tk.paged_prefill_attention(q[nd:], k_cache, v_cache, meta.prefill_block_tables,
-                                       meta.prefill_context_lens, meta.prefill_query_start,
-                                       meta.prefill_max_query_len, self.scale, out=out[nd:])
+            kernels.paged_prefill_attention(
+                q[nd:], k_cache, v_cache, meta.prefill_block_tables, meta.prefill_context_lens,
+                meta.prefill_query_start, meta.prefill_max_query_len, self.scale, out=out[nd:])
         return self.o_proj(out.view(n, -1))
 
     def _prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
@@ -335,10 +335,8 @@ class MLP(nn.Module):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
-    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        from python_backends.engine.triton_kernels import silu_and_mul
-
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward_fused(self, x: torch.Tensor, kernels) -> torch.Tensor:
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -356,18 +354,16 @@ class DecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
     def forward_fused(self, hidden, residual, positions, rope_cos, rope_sin, k_cache, v_cache,
-                      meta):
-        """CUDA path. Returns (this layer's MLP output, the residual stream before it); the
+                      meta, kernels):
+        """Fused path. Returns (this layer's MLP output, the residual stream before it); the
         next layer's norm adds them (as vLLM does), which rounds like `hidden + mlp(...)`."""
-        from python_backends.engine.triton_kernels import rms_norm
-
         norm = self.input_layernorm
-        normed, residual = rms_norm(hidden, norm.weight, norm.eps, residual)
+        normed, residual = kernels.rms_norm(hidden, norm.weight, norm.eps, residual)
         attn = self.self_attn.forward_fused(normed, positions, rope_cos, rope_sin, k_cache,
-                                            v_cache, meta)
+                                            v_cache, meta, kernels)
         norm = self.post_attention_layernorm
-        normed, residual = rms_norm(attn, norm.weight, norm.eps, residual)
-        return self.mlp.forward_fused(normed), residual
+        normed, residual = kernels.rms_norm(attn, norm.weight, norm.eps, residual)
+        return self.mlp.forward_fused(normed, kernels), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -381,9 +377,10 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        # The Triton path; `load_model` turns it on for CUDA (tests may turn it on for the
-        # CPU under TRITON_INTERPRET=1).
-        self.fused_kernels = False
+        # The fused path's kernels module (see the module docstring), or None for plain
+        # PyTorch ops. `load_model` picks it; tests may set `triton_kernels` on the CPU under
+        # TRITON_INTERPRET=1.
+        self.kernels = None
 
     def forward(
         self,
@@ -395,7 +392,7 @@ class LlamaForCausalLM(nn.Module):
         """Logits of each sequence's last token: [batch, vocab] in float32.
 
         `meta.logits_rows` None means every row (a CUDA-graph decode step)."""
-        if self.fused_kernels:
+        if self.kernels is not None:
             return self._forward_fused(input_ids, positions, kv_caches, meta)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         cos, sin = freqs.cos(), freqs.sin()
@@ -424,18 +421,21 @@ class LlamaForCausalLM(nn.Module):
             self._rope_cos, self._rope_sin = freqs.cos(), freqs.sin()
         return self._rope_cos, self._rope_sin
 
-    def _forward_fused(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
-        from python_backends.engine.triton_kernels import rms_norm
+    @property
+    def fused_kernels(self) -> bool:
+        return self.kernels is not None
 
+    def _forward_fused(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
+        kernels = self.kernels
         rope_cos, rope_sin = self.rope_tables()
         hidden = self.embed_tokens(input_ids)
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer.forward_fused(hidden, residual, positions, rope_cos,
-                                                   rope_sin, k_cache, v_cache, meta)
+                                                   rope_sin, k_cache, v_cache, meta, kernels)
         if meta.logits_rows is not None:
             hidden, residual = hidden[meta.logits_rows], residual[meta.logits_rows]
-        last, _ = rms_norm(hidden, self.norm.weight, self.norm.eps, residual)
+        last, _ = kernels.rms_norm(hidden, self.norm.weight, self.norm.eps, residual)
         return self.lm_head(last).float()
 
     def load_hf_weights(self, state: dict[str, torch.Tensor]) -> None:
@@ -478,7 +478,10 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"weights missing from checkpoint: {sorted(missing)[:5]}")
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
+               native_cpu_kernels: bool = True) -> LlamaForCausalLM:
+    """The model, on `device` in `dtype`, with its fused kernels where the device has them:
+    Triton on CUDA; the C++ CPU kernels in float32 when `native_cpu_kernels` and built."""
     from safetensors.torch import load_file
 
     config = LlamaConfig.from_model_dir(model_dir)
@@ -498,7 +501,14 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) 
     model = model.to(dtype).eval()
     # The rotary frequencies stay in float32 whatever the weights' dtype (`to` casts buffers).
     model.inv_freq = rope_inv_freq(config).to(device)
-    model.fused_kernels = device.type == "cuda"
-    if device.type == "cpu" and dtype == torch.float32:
+    if device.type == "cuda":
+        from python_backends.engine import triton_kernels
+
+        model.kernels = triton_kernels
+    elif device.type == "cpu" and dtype == torch.float32:
         model.pack_for_cpu()
+        from python_backends.engine import cpu_kernels
+
+        if native_cpu_kernels and cpu_kernels.available():
+            model.kernels = cpu_kernels
     return model

@@ -70,7 +70,8 @@ class ModelRunner:
         if self.device.type == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.model_config = LlamaConfig.from_model_dir(config.model_dir)
-        self.model = load_model(config.model_dir, self.dtype, self.device)
+        self.model = load_model(config.model_dir, self.dtype, self.device,
+                                native_cpu_kernels=config.native_cpu_kernels)
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
         shape = (
@@ -97,16 +98,27 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_cuda_graphs()
         log.info(
-            "model runner: %s %s on %s, %d KV blocks of %d tokens, CUDA graphs for %s",
-            config.model_dir, self.dtype, self.device, self.num_blocks, self.block_size,
-            self.cuda_graph_sizes or "no batch size (eager)",
+            "model runner: %s %s on %s, %s, %d KV blocks of %d tokens, CUDA graphs for %s",
+            config.model_dir, self.dtype, self.device, self.kernels_description(),
+            self.num_blocks, self.block_size, self.cuda_graph_sizes or "no batch size (eager)",
         )
 
     @property
     def fused_kernels(self) -> bool:
-        """Whether the model runs its Triton path (CUDA), which reads int32 lengths, starts
-        and block tables rather than the CPU path's padded mask."""
+        """Whether the model runs its fused path (Triton on CUDA, C++ on the CPU), which reads
+        int32 lengths, starts and block tables rather than the plain path's padded mask."""
         return self.model.fused_kernels
+
+    def kernels_description(self) -> str:
+        kernels = self.model.kernels
+        if kernels is not None:
+            return f"fused kernels: {kernels.__name__.rsplit('.', 1)[-1]}"
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            from python_backends.engine import cpu_kernels
+
+            if self.config.native_cpu_kernels and not cpu_kernels.available():
+                return f"plain PyTorch ops (C++ kernels not built: {cpu_kernels.IMPORT_ERROR})"
+        return "plain PyTorch ops"
 
     @property
     def kv_bytes_per_block(self) -> int:

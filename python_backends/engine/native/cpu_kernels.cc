@@ -1,0 +1,378 @@
+// CPU kernels for the engine's fused forward pass (float32): the CPU counterparts of
+// triton_kernels.py, with the same signatures, built by scripts/build_native.sh into
+// python_backends/engine/_cpu_kernels*.so and loaded by cpu_kernels.py.
+//
+// Why: a decode step on the CPU is ~65% matrix multiplies (oneDNN) and ~35% everything
+// else, and most of that "else" is not arithmetic. Each of the ~60 small PyTorch ops of a
+// layer (RMSNorm's pow/mean/rsqrt/mul, RoPE's slices and cat, SiLU and mul, the cache
+// writes) costs a dispatch and a pass over memory, and decode attention first copies every
+// sequence's keys and values out of the paged cache into a padded buffer. Here a layer is
+// four calls, and attention reads the cache in place through the block table.
+//
+// Rounding follows the PyTorch reference ops in llama.py: elementwise math is float32 with
+// no fused multiply-adds (built with -ffp-contract=off), in the reference's order, so RoPE,
+// the residual add and SiLU-times-up round as PyTorch rounds them. Reductions (the RMS, the
+// attention dot products and softmax sums) add in another order, which moves results by
+// float32 rounding only, as oneDNN's GEMMs already do against MKL's.
+//
+// Threads: at::parallel_for, i.e. PyTorch's own OpenMP pool (torch.set_num_threads), so
+// these kernels never compete with the GEMMs for cores.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+#ifdef __AVX2__
+// e^x for 8 floats: Cephes' expf (range reduction by ln 2, degree-5 polynomial), as in
+// Sleef's and avx_mathfun's float versions; within ~1 ulp of the correctly rounded value,
+// 0 for x below ~-88 (softmax's masked scores) and +inf above ~88.
+inline __m256 Exp8(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f);
+  const __m256 lo = _mm256_set1_ps(-88.3762626647949f);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 c1 = _mm256_set1_ps(0.693359375f);
+  const __m256 c2 = _mm256_set1_ps(-2.12194440e-4f);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  __m256 below = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  __m256 above = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_sub_ps(x, _mm256_mul_ps(fx, c1));
+  x = _mm256_sub_ps(x, _mm256_mul_ps(fx, c2));
+  __m256 z = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, z, _mm256_add_ps(x, one));
+  __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx),
+                                                        _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
+  y = _mm256_andnot_ps(below, y);
+  return _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), above);
+}
+
+inline float Sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// out[i] = e^(x[i] - shift), returning the sum of out.
+float ExpShiftedSum(const float* x, float shift, float* out, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.0f;
+#ifdef __AVX2__
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 s = _mm256_set1_ps(shift);
+  for (; i + 8 <= n; i += 8) {
+    __m256 e = Exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), s));
+    _mm256_storeu_ps(out + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  sum = Sum8(acc);
+#endif
+  for (; i < n; ++i) {
+    out[i] = std::exp(x[i] - shift);
+    sum += out[i];
+  }
+  return sum;
+}
+
+float Dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.0f;
+#ifdef __AVX2__
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  }
+  sum = Sum8(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// acc[i] += weight * x[i]
+inline void Axpy(float weight, const float* x, float* acc, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX2__
+  const __m256 w = _mm256_set1_ps(weight);
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i),
+                                              _mm256_loadu_ps(acc + i)));
+  }
+#endif
+  for (; i < n; ++i) acc[i] += weight * x[i];
+}
+
+void CheckFloat(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32,
+              name, " must be a float32 CPU tensor");
+}
+
+int64_t IndexAt(const torch::Tensor& t, int64_t i) {
+  return t.scalar_type() == torch::kInt32 ? t.data_ptr<int32_t>()[i]
+                                          : t.data_ptr<int64_t>()[i];
+}
+
+void CheckIndex(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() &&
+                  (t.scalar_type() == torch::kInt32 || t.scalar_type() == torch::kInt64),
+              name, " must be a contiguous int32 or int64 CPU tensor");
+}
+
+}  // namespace
+
+// One sequence's query heads that share kv head `kv` (`group` rows of q, `q_head` apart)
+// over its `length` cached tokens: two passes, keys then values, each read in place through
+// the block list. kDim: the head size fixed at compile time (0: `head_dim`), which keeps a
+// head's weighted sum of values in registers.
+template <int kDim>
+void DecodeGroup(const float* query, int64_t q_head, int64_t group, int64_t length,
+                 const int64_t* blocks, int64_t block_size, const float* k_cache,
+                 const float* v_cache, int64_t token_stride, int64_t head_dim, float scale,
+                 float* scores, float* out) {
+  const int64_t dim = kDim > 0 ? kDim : head_dim;
+  for (int64_t t = 0; t < length; ++t) {
+    const float* key = k_cache + (blocks[t / block_size] * block_size + t % block_size) *
+                                     token_stride;
+    for (int64_t g = 0; g < group; ++g) {
+      scores[g * length + t] = Dot(query + g * q_head, key, dim) * scale;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* row = scores + g * length;
+    const float top = *std::max_element(row, row + length);
+    const float inv = 1.0f / ExpShiftedSum(row, top, row, length);
+    float* acc = out + g * dim;
+#ifdef __AVX2__
+    if constexpr (kDim > 0 && kDim % 8 == 0 && kDim <= 128) {
+      constexpr int kVectors = kDim / 8;
+      __m256 sum[kVectors];
+      for (int i = 0; i < kVectors; ++i) sum[i] = _mm256_setzero_ps();
+      for (int64_t t = 0; t < length; ++t) {
+        const float* value = v_cache + (blocks[t / block_size] * block_size +
+                                        t % block_size) * token_stride;
+        const __m256 w = _mm256_set1_ps(row[t]);
+        for (int i = 0; i < kVectors; ++i) {
+          sum[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + 8 * i), sum[i]);
+        }
+      }
+      const __m256 scale_out = _mm256_set1_ps(inv);
+      for (int i = 0; i < kVectors; ++i) {
+        _mm256_storeu_ps(acc + 8 * i, _mm256_mul_ps(sum[i], scale_out));
+      }
+      continue;
+    }
+#endif
+    std::fill(acc, acc + dim, 0.0f);
+    for (int64_t t = 0; t < length; ++t) {
+      const float* value = v_cache + (blocks[t / block_size] * block_size + t % block_size) *
+                                         token_stride;
+      Axpy(row[t], value, acc, dim);
+    }
+    for (int64_t d = 0; d < dim; ++d) acc[d] *= inv;
+  }
+}
+
+// Attention of one new query token per sequence over its cached keys and values, read in
+// place from the paged cache. q: [batch, heads, head_dim]; caches: [blocks, block_size,
+// kv_heads, head_dim]; block_tables: [batch, >= blocks used]; context_lens: [batch].
+torch::Tensor PagedDecodeAttention(torch::Tensor q, torch::Tensor k_cache,
+                                   torch::Tensor v_cache, torch::Tensor block_tables,
+                                   torch::Tensor context_lens, double scale,
+                                   std::optional<torch::Tensor> out_arg) {
+  CheckFloat(q, "q");
+  CheckFloat(k_cache, "k_cache");
+  CheckFloat(v_cache, "v_cache");
+  CheckIndex(block_tables, "block_tables");
+  CheckIndex(context_lens, "context_lens");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [batch, heads, head_dim]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == dim && heads % kv_heads == 0, "q and cache shapes disagree");
+  TORCH_CHECK(context_lens.numel() >= batch && block_tables.size(0) >= batch,
+              "one block table and one context length per sequence");
+  torch::Tensor out = out_arg ? *out_arg : torch::empty({batch, heads, dim}, q.options());
+  CheckFloat(out, "out");
+  TORCH_CHECK(out.is_contiguous() && out.numel() == batch * heads * dim, "bad out tensor");
+  const int64_t group = heads / kv_heads;
+  const int64_t table_width = block_tables.size(1);
+  const int64_t num_blocks = k_cache.size(0);
+  const float* kc = k_cache.data_ptr<float>();
+  const float* vc = v_cache.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t q_seq = q.stride(0), q_head = q.stride(1);
+  const int64_t token_stride = kv_heads * dim;
+  const float fscale = static_cast<float>(scale);
+  auto kernel = dim == 64 ? &DecodeGroup<64> : dim == 128 ? &DecodeGroup<128> : &DecodeGroup<0>;
+
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<int64_t> blocks;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t seq = item / kv_heads, kv = item % kv_heads;
+      const int64_t length = IndexAt(context_lens, seq);
+      float* dst = op + (seq * heads + kv * group) * dim;
+      if (length <= 0) {
+        std::fill(dst, dst + group * dim, 0.0f);
+        continue;
+      }
+      const int64_t used = (length + block_size - 1) / block_size;
+      TORCH_CHECK(used <= table_width, "a context is longer than its block table");
+      blocks.resize(used);
+      for (int64_t i = 0; i < used; ++i) {
+        blocks[i] = IndexAt(block_tables, seq * table_width + i);
+        TORCH_CHECK(blocks[i] >= 0 && blocks[i] < num_blocks, "block id out of range");
+      }
+      scores.resize(group * length);
+      const float* query = qp + seq * q_seq + kv * group * q_head;
+      kernel(query, q_head, group, length, blocks.data(), block_size, kc + kv * dim,
+             vc + kv * dim, token_stride, dim, fscale, scores.data(), dst);
+    }
+  });
+  return out;
+}
+
+// Rotate q and k in place in qkv [tokens, (heads + 2 kv_heads) * head_dim] (half-split
+// layout); write k and v to the cache at slot_mapping (slot < 0: no write).
+void RopeAndCache(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos,
+                  torch::Tensor sin, torch::Tensor slot_mapping, torch::Tensor k_cache,
+                  torch::Tensor v_cache, int64_t heads, int64_t kv_heads, int64_t dim) {
+  CheckFloat(qkv, "qkv");
+  CheckFloat(cos, "cos");
+  CheckFloat(sin, "sin");
+  CheckFloat(k_cache, "k_cache");
+  CheckFloat(v_cache, "v_cache");
+  CheckIndex(positions, "positions");
+  CheckIndex(slot_mapping, "slot_mapping");
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 &&
+                  qkv.size(1) == (heads + 2 * kv_heads) * dim,
+              "qkv must be [tokens, (heads + 2 kv_heads) * head_dim]");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(1) == dim / 2,
+              "cos/sin must be contiguous [positions, head_dim / 2]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  const int64_t tokens = qkv.size(0), half = dim / 2, row_stride = qkv.stride(0);
+  const int64_t max_position = cos.size(0), num_slots = k_cache.numel() / (kv_heads * dim);
+  float* base = qkv.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t tok = begin; tok < end; ++tok) {
+      const int64_t pos = IndexAt(positions, tok);
+      TORCH_CHECK(pos >= 0 && pos < max_position, "position out of the RoPE table");
+      const float* c = cp + pos * half;
+      const float* s = sp + pos * half;
+      float* row = base + tok * row_stride;
+      for (int64_t h = 0; h < heads + kv_heads; ++h) {
+        float* x = row + h * dim;
+        for (int64_t j = 0; j < half; ++j) {
+          const float x1 = x[j], x2 = x[j + half];
+          x[j] = x1 * c[j] - x2 * s[j];
+          x[j + half] = x2 * c[j] + x1 * s[j];
+        }
+      }
+      const int64_t slot = IndexAt(slot_mapping, tok);
+      if (slot < 0) continue;
+      TORCH_CHECK(slot < num_slots, "cache slot out of range");
+      const float* k = row + heads * dim;
+      std::copy(k, k + kv_heads * dim, kc + slot * kv_heads * dim);
+      std::copy(k + kv_heads * dim, k + 2 * kv_heads * dim, vc + slot * kv_heads * dim);
+    }
+  });
+}
+
+// RMSNorm of x (or of x + residual). Returns (normed, the new residual stream): x itself
+// without residual, else the sum (a new tensor).
+std::tuple<torch::Tensor, torch::Tensor> RmsNorm(torch::Tensor x, torch::Tensor weight,
+                                                 double eps,
+                                                 std::optional<torch::Tensor> residual) {
+  CheckFloat(x, "x");
+  CheckFloat(weight, "weight");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && weight.is_contiguous() &&
+                  weight.numel() == x.size(1),
+              "x must be [rows, hidden] and weight [hidden]");
+  const int64_t rows = x.size(0), cols = x.size(1);
+  torch::Tensor out = torch::empty({rows, cols}, x.options());
+  torch::Tensor stream = x;
+  if (residual) {
+    CheckFloat(*residual, "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->stride(1) == 1,
+                "residual must be shaped like x");
+    stream = torch::empty({rows, cols}, x.options());
+  }
+  const float* w = weight.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = x.data_ptr<float>() + r * x.stride(0);
+      float* sr = stream.data_ptr<float>() + r * stream.stride(0);
+      if (residual) {
+        const float* rr = residual->data_ptr<float>() + r * residual->stride(0);
+        for (int64_t i = 0; i < cols; ++i) sr[i] = xr[i] + rr[i];
+      }
+      const float mean = Dot(sr, sr, cols) / static_cast<float>(cols);
+      const float inv = 1.0f / std::sqrt(mean + feps);
+      float* o = out.data_ptr<float>() + r * cols;
+      for (int64_t i = 0; i < cols; ++i) o[i] = w[i] * (sr[i] * inv);
+    }
+  });
+  return {out, stream};
+}
+
+// SiLU(x[:, :n]) * x[:, n:] for x: [tokens, 2n].
+torch::Tensor SiluAndMul(torch::Tensor x) {
+  CheckFloat(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0,
+              "x must be [tokens, 2n]");
+  const int64_t rows = x.size(0), n = x.size(1) / 2;
+  torch::Tensor out = torch::empty({rows, n}, x.options());
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> e(n);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* gate = x.data_ptr<float>() + r * x.stride(0);
+      const float* up = gate + n;
+      float* o = out.data_ptr<float>() + r * n;
+      for (int64_t i = 0; i < n; ++i) e[i] = -gate[i];
+      ExpShiftedSum(e.data(), 0.0f, e.data(), n);
+      for (int64_t i = 0; i < n; ++i) o[i] = (gate[i] / (1.0f + e[i])) * up[i];
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "CPU kernels for the engine's fused forward pass (float32)";
+  m.def("paged_decode_attention", &PagedDecodeAttention, py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
+        py::arg("out") = py::none());
+  m.def("rope_and_cache", &RopeAndCache, py::arg("qkv"), py::arg("positions"), py::arg("cos"),
+        py::arg("sin"), py::arg("slot_mapping"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"));
+  m.def("rms_norm", &RmsNorm, py::arg("x"), py::arg("weight"), py::arg("eps"),
+        py::arg("residual") = py::none());
+  m.def("silu_and_mul", &SiluAndMul, py::arg("x"));
+}

@@ -1,0 +1,182 @@
+"""The engine's C++ CPU kernels (`cpu_kernels`) against the PyTorch reference ops, and the
+fused CPU forward against the plain one.
+
+`make setup` builds the extension wherever a compiler can be had; these tests fail (rather
+than skip) when it is missing on a machine with g++, so a broken build cannot go unnoticed.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from engine_helpers import make_tiny_llama, prompts
+
+from python_backends.engine import EngineConfig, LLMEngine, SamplingParams, cpu_kernels
+from python_backends.engine.llama import RMSNorm, apply_rope
+
+built = pytest.mark.skipif(
+    not cpu_kernels.available() and shutil.which("g++") is None,
+    reason="no C++ compiler here: the engine runs its plain PyTorch path",
+)
+
+
+def test_setup_built_the_kernels_where_a_compiler_exists():
+    if shutil.which("g++") is None:
+        pytest.skip("no C++ compiler here")
+    assert cpu_kernels.available(), cpu_kernels.IMPORT_ERROR
+
+
+def rope_tables(head_dim: int, positions: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.arange(positions).float()[:, None] * inv_freq[None, :]
+    return freqs.cos(), freqs.sin()
+
+
+def reference_decode(q, k_cache, v_cache, tables, lens, scale):
+    out = torch.zeros_like(q)
+    block_size = k_cache.shape[1]
+    for b, length in enumerate(lens.tolist()):
+        if length == 0:
+            continue
+        blocks = tables[b, : -(-length // block_size)].long()
+        keys = k_cache[blocks].flatten(0, 1)[:length].transpose(0, 1)
+        values = v_cache[blocks].flatten(0, 1)[:length].transpose(0, 1)
+        out[b] = F.scaled_dot_product_attention(q[b][:, None], keys, values, scale=scale,
+                                                enable_gqa=True)[:, 0]
+    return out
+
+
+@built
+@pytest.mark.parametrize("head_dim", [64, 128, 24])  # 64/128: unrolled; 24: the generic loop
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_paged_decode_attention_matches_sdpa(head_dim, index_dtype):
+    torch.manual_seed(0)
+    heads, kv_heads, batch, block_size, num_blocks = 9, 3, 6, 16, 64
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim)
+    q = torch.randn(batch, heads, head_dim)
+    lens = torch.tensor([1, 16, 17, 0, 100, 255], dtype=index_dtype)
+    tables = torch.stack([torch.randperm(num_blocks)[:16] for _ in range(batch)]).to(index_dtype)
+    out = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.3)
+    expected = reference_decode(q, k_cache, v_cache, tables, lens, 0.3)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert out[3].abs().max() == 0  # context length 0: a padding row writes zeros
+    into = torch.empty_like(q)
+    assert cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.3,
+                                              out=into) is into
+
+
+@built
+def test_paged_decode_attention_rejects_what_it_cannot_read():
+    q = torch.randn(2, 4, 8)
+    cache = torch.randn(4, 4, 2, 8)
+    tables = torch.zeros(2, 1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_kernels.paged_decode_attention(q.double(), cache, cache, tables,
+                                           torch.tensor([1, 1], dtype=torch.int32), 1.0)
+    with pytest.raises(RuntimeError, match="longer than its block table"):
+        cpu_kernels.paged_decode_attention(q, cache, cache, tables,
+                                           torch.tensor([1, 5], dtype=torch.int32), 1.0)
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        cpu_kernels.paged_decode_attention(q, cache, cache, tables + 9,
+                                           torch.tensor([1, 1], dtype=torch.int32), 1.0)
+
+
+@built
+def test_rope_and_cache_rounds_like_apply_rope():
+    torch.manual_seed(0)
+    heads, kv_heads, head_dim, tokens = 9, 3, 64, 20
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim)
+    positions = torch.randint(0, 300, (tokens,))
+    cos, sin = rope_tables(head_dim)
+    k_cache = torch.zeros(10, 16, kv_heads, head_dim)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.randperm(160)[:tokens]
+    slots[3] = -1  # a padding row: rotated, but not written
+    q, k, v = qkv.clone().split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), -1)
+    q_ref = apply_rope(q.reshape(tokens, heads, head_dim), cos[positions], sin[positions])
+    k_ref = apply_rope(k.reshape(tokens, kv_heads, head_dim), cos[positions], sin[positions])
+    cpu_kernels.rope_and_cache(qkv, positions, cos, sin, slots, k_cache, v_cache, heads,
+                               kv_heads, head_dim)
+    assert torch.equal(qkv[:, : heads * head_dim].reshape(tokens, heads, head_dim), q_ref)
+    written = slots >= 0
+    flat_k = k_cache.view(-1, kv_heads, head_dim)
+    flat_v = v_cache.view(-1, kv_heads, head_dim)
+    assert torch.equal(flat_k[slots[written]], k_ref[written])
+    assert torch.equal(flat_v[slots[written]], v.reshape(tokens, kv_heads, head_dim)[written])
+    assert int((flat_k.abs().sum((1, 2)) > 0).sum()) == tokens - 1
+    with pytest.raises(RuntimeError, match="position out of the RoPE table"):
+        cpu_kernels.rope_and_cache(qkv, positions + 300, cos, sin, slots, k_cache, v_cache,
+                                   heads, kv_heads, head_dim)
+
+
+@built
+def test_rms_norm_and_silu_and_mul_match_pytorch():
+    torch.manual_seed(0)
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data.normal_()
+    x, residual = torch.randn(40, 576), torch.randn(40, 576)
+    with torch.no_grad():
+        normed, stream = cpu_kernels.rms_norm(x, norm.weight, 1e-5, residual)
+        assert torch.equal(stream, x + residual)
+        assert torch.allclose(normed, norm(x + residual), atol=1e-5)
+        normed, stream = cpu_kernels.rms_norm(x, norm.weight, 1e-5)
+        assert stream is x or stream.data_ptr() == x.data_ptr()
+        assert torch.allclose(normed, norm(x), atol=1e-5)
+    gate_up = torch.randn(33, 2 * 1536) * 4
+    expected = F.silu(gate_up[:, :1536]) * gate_up[:, 1536:]
+    assert torch.allclose(cpu_kernels.silu_and_mul(gate_up), expected, atol=1e-5, rtol=1e-6)
+    huge = torch.tensor([[-200.0, 0.0, 200.0, 1.0, 1.0, 1.0]])  # exp's overflow and underflow
+    assert torch.equal(cpu_kernels.silu_and_mul(huge), F.silu(huge[:, :3]) * huge[:, 3:])
+
+
+@built
+def test_prefill_attention_batches_chunks_like_per_chunk_sdpa():
+    """Chunks of several shapes in one step, one of them after a cached prefix."""
+    torch.manual_seed(0)
+    heads, kv_heads, head_dim, block_size = 4, 2, 16, 4
+    k_cache = torch.randn(32, block_size, kv_heads, head_dim)
+    v_cache = torch.randn(32, block_size, kv_heads, head_dim)
+    chunks = [(5, 5), (5, 5), (3, 11), (7, 7)]  # (chunk length, context length after it)
+    starts = [0]
+    for q_len, _ in chunks:
+        starts.append(starts[-1] + q_len)
+    q = torch.randn(starts[-1], heads, head_dim)
+    tables = torch.stack([torch.randperm(32)[:4] for _ in chunks]).int()
+    out = cpu_kernels.paged_prefill_attention(
+        q, k_cache, v_cache, tables, torch.tensor([c for _, c in chunks], dtype=torch.int32),
+        torch.tensor(starts, dtype=torch.int32), 7, 0.25)
+    for i, (q_len, ctx) in enumerate(chunks):
+        blocks = tables[i].long()
+        keys = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
+        values = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
+        rows = torch.arange(ctx - q_len, ctx)[:, None]
+        mask = torch.arange(ctx)[None, :] <= rows
+        expected = F.scaled_dot_product_attention(
+            q[starts[i]:starts[i + 1]].transpose(0, 1), keys, values, attn_mask=mask,
+            scale=0.25, enable_gqa=True).transpose(0, 1)
+        assert torch.allclose(out[starts[i]:starts[i + 1]], expected, atol=1e-5), i
+
+
+@built
+@pytest.mark.parametrize("heads", [8, 2])  # head_dim 16 (generic loop) and 64 (unrolled)
+def test_fused_cpu_engine_matches_the_plain_path(tmp_path, heads):
+    """Greedy tokens with the C++ kernels == the plain PyTorch path: mixed prefill/decode
+    steps, chunked prefill and prefix-cache hits included."""
+    model = make_tiny_llama(tmp_path, num_attention_heads=heads)
+    batch = prompts(5) + [prompts(1)[0][:2] * 12 + p for p in prompts(2, seed=3)]
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    outputs = []
+    for native in (False, True):
+        engine = LLMEngine(EngineConfig(
+            model_dir=model, device="cpu", dtype="float32", kv_cache_bytes=8 << 20,
+            enable_chunked_prefill=True, max_num_batched_tokens=32, max_num_seqs=4,
+            native_cpu_kernels=native))
+        assert (engine.runner.model.kernels is cpu_kernels) == native
+        outputs.append(engine.generate(batch, params))
+        outputs.append(engine.generate(batch[-2:], params))  # again: from the prefix cache
+        assert engine.block_manager.stats.hit_tokens > 0
+    assert outputs[2:] == outputs[:2]
