@@ -46,8 +46,11 @@ build() {
   while [[ "$1" != "--" ]]; do packages+=("$1"); shift; done
   shift
   local target="${module//.//}$SUFFIX" stamp="$STAMPS/native-${module##*.}"
+  # Rebuilt when the source, this script, the Python ABI, torch or the processor (the
+  # kernels use -march=native) changed.
   local want
-  want="$(cat "$source" "$0" | sha1sum | cut -d' ' -f1) $SUFFIX $("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)"
+  want="$({ cat "$source" "$0"; grep -E '^(model name|flags)' /proc/cpuinfo 2>/dev/null | sort -u; } | sha1sum | cut -d' ' -f1)"
+  want+=" $SUFFIX $("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)"
   if [[ -f "$target" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     echo "$what up to date ($target)"
     return 0
