@@ -11,7 +11,9 @@ One run does up to four steps:
      {1, 4, 16} x target {direct, nginx, router}: throughput, p50 and p99 latency, and the CPU
      time nginx / the router / Triton spent per request. The three targets are measured side
      by side for each (mode, concurrency), --rounds times in a rotating order; each number is
-     the median over rounds. Targets (from the router issue): the router adds at most 2x the
+     the median over rounds, and added latency and throughput ratios are paired by round
+     (the median of each round's difference or ratio, which cancels drift between rounds).
+     Targets (from the router issue): the router adds at most 2x the
      p50 latency nginx adds, and keeps at least 85% of nginx's throughput.
   3. with --profile: py-spy records the router (native frames too) during one extra unary and
      one extra streaming run at concurrency 4 (not used for the comparison: the sampler slows
@@ -49,6 +51,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -509,15 +512,34 @@ def bench_trivial(bench: Bench, args: argparse.Namespace) -> list[dict[str, Any]
 # ----------------------------------------------------------------------------- comparison
 
 
+def paired_median(rounds: list[dict[str, dict[str, Any]]], target: str, base: str, key: str,
+                  combine: Callable[[float, float], float | None]) -> float | None:
+    """Median over rounds of combine(target's value, base's value in the same round)."""
+    values = [combine(rnd[target][key], rnd[base][key]) for rnd in rounds
+              if rnd.get(target, {}).get(key) is not None
+              and rnd.get(base, {}).get(key) is not None]
+    values = [v for v in values if v is not None]
+    return median(values) if values else None
+
+
 def summarize(runs: list[dict[str, Any]], concurrency: list[int]) -> list[dict[str, Any]]:
-    """Per (mode, concurrency): medians over rounds per target, added latency and ratios."""
+    """Per (mode, concurrency): medians over rounds per target, added latency and ratios.
+
+    Added latency and the throughput ratios are paired by round: the median over rounds of
+    (this path's p50 - direct's p50 in the same round), and of the per-round ratios. A round
+    measures its targets back to back, so this cancels the machine's drift between rounds,
+    which on 2 shared cores moves a p50 by more than a proxy adds (at c=16: direct's p50
+    ranged 11.4-15.1 ms over five rounds of one run)."""
     rows = []
     for mode in MODES:
         for c in concurrency:
             row: dict[str, Any] = {"mode": mode, "concurrency": c, "targets": {}}
+            by_round: dict[int, dict[str, dict[str, Any]]] = {}
             for target in TARGETS:
                 ok = [r for r in runs if r["mode"] == mode and r["concurrency"] == c
                       and r["target"] == target and "error" not in r]
+                for r in ok:
+                    by_round.setdefault(r.get("round", 0), {})[target] = r
                 stats: dict[str, Any] = {"rounds": len(ok)}
                 for key in ("throughput", "p50_us", "p99_us", "avg_us"):
                     stats[key] = median([r[key] for r in ok if r.get(key) is not None])
@@ -528,22 +550,21 @@ def summarize(runs: list[dict[str, Any]], concurrency: list[int]) -> list[dict[s
                     [r["cpu_us_per_request"]["triton"] for r in ok
                      if "triton" in r.get("cpu_us_per_request", {})])
                 row["targets"][target] = stats
+            rounds = list(by_round.values())
             t = row["targets"]
-            direct = t["direct"]
             for target in PROXIES:
-                p50 = t[target]["p50_us"]
-                t[target]["added_p50_us"] = (None if p50 is None or direct["p50_us"] is None
-                                             else p50 - direct["p50_us"])
-                t[target]["throughput_vs_direct"] = ratio(t[target]["throughput"],
-                                                          direct["throughput"])
+                t[target]["added_p50_us"] = paired_median(rounds, target, "direct", "p50_us",
+                                                          lambda a, b: a - b)
+                t[target]["throughput_vs_direct"] = paired_median(rounds, target, "direct",
+                                                                  "throughput", ratio)
             nginx_added, router_added = t["nginx"]["added_p50_us"], t["router"]["added_p50_us"]
             row["added_p50_ratio"] = ratio(router_added, nginx_added)
-            row["router_throughput_vs_nginx"] = ratio(t["router"]["throughput"],
-                                                      t["nginx"]["throughput"])
+            row["router_throughput_vs_nginx"] = paired_median(rounds, "router", "nginx",
+                                                              "throughput", ratio)
             row["router_python_added_p50_ratio"] = ratio(t["router_python"]["added_p50_us"],
                                                          nginx_added)
-            row["router_python_throughput_vs_nginx"] = ratio(t["router_python"]["throughput"],
-                                                             t["nginx"]["throughput"])
+            row["router_python_throughput_vs_nginx"] = paired_median(
+                rounds, "router_python", "nginx", "throughput", ratio)
             if router_added is None or nginx_added is None:
                 row["latency_target"] = "not measured"
             else:
@@ -1024,7 +1045,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f" (`grpc_pass`, upstream keepalive; config in `router_overhead.json`), on trivial "
         f"Python-backend models from `tests/model_repository`: perf_analyzer, "
         f"{s['window_ms']} ms windows, stability {s['stability']}%, median of "
-        f"{s['rounds']} round(s) with the targets measured side by side. `router` is the "
+        f"{s['rounds']} round(s) with the targets measured side by side; added latency and "
+        f"the throughput ratios are paired by round (the median over rounds of this path's p50 "
+        f"minus direct's in the same round, and of the per-round ratios), since the machine's "
+        f"speed drifts between rounds by more than a proxy adds. `router` is the "
         f"router as shipped (native data plane: the C++ proxy in `router/native/` carries the "
         f"bytes, Python routes); `router_python` is the same router with `--data-plane "
         f"python` (grpcio carries the bytes), for reference; the targets are judged on "
