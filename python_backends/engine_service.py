@@ -37,5 +37,12 @@ class EngineService:
         loop.start()
         return cls(config, engine, loop, metrics)
 
+    def summary(self) -> str:
+        """One line for the model's ready log: where and how it computes, and its settings."""
+        runner = self.engine.runner
+        return (f"{runner.device} {str(runner.dtype).removeprefix('torch.')}, "
+                f"{runner.kernels_description()}, {runner.num_blocks} KV blocks of "
+                f"{runner.block_size} tokens; settings {self.config.to_json()}")
+
     def shutdown(self) -> None:
         self.loop.shutdown()

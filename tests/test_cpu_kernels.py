@@ -176,6 +176,8 @@ def test_fused_cpu_engine_matches_the_plain_path(tmp_path, heads):
             enable_chunked_prefill=True, max_num_batched_tokens=32, max_num_seqs=4,
             native_cpu_kernels=native))
         assert (engine.runner.model.kernels is cpu_kernels) == native
+        assert engine.runner.kernels_description() == (
+            "fused kernels: cpu_kernels" if native else "plain PyTorch ops")
         outputs.append(engine.generate(batch, params))
         outputs.append(engine.generate(batch[-2:], params))  # again: from the prefix cache
         assert engine.block_manager.stats.hit_tokens > 0

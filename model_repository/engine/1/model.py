@@ -31,7 +31,7 @@ class TritonPythonModel:
         labels = {"model": args["model_name"], "version": str(args["model_version"])}
         self.service = EngineService.start(pb_utils, params, labels)
         self.engine, self.loop = self.service.engine, self.service.loop
-        pb_utils.Logger.log_info(f"engine ready: {self.service.config.to_json()}")
+        pb_utils.Logger.log_info(f"engine ready: {self.service.summary()}")
 
     def execute(self, requests):
         for request in requests:

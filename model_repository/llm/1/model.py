@@ -105,7 +105,7 @@ class TritonPythonModel:
                     f"parameters")
             labels = {"model": args["model_name"], "version": str(args["model_version"])}
             self.service = EngineService.start(pb_utils, engine_params, labels)
-            where = f"in process: {self.service.config.to_json()}"
+            where = f"in process: {self.service.summary()}"
         # The stub's C++ side reads numpy arrays with numpy 1's layout: with numpy 2 every
         # BYTES input arrives corrupted. Say which numpy this process got.
         pb_utils.Logger.log_info(
