@@ -10,10 +10,11 @@
 // four calls, and attention reads the cache in place through the block table.
 //
 // Rounding follows the PyTorch reference ops in llama.py: elementwise math is float32 with
-// no fused multiply-adds (built with -ffp-contract=off), in the reference's order, so RoPE,
-// the residual add and SiLU-times-up round as PyTorch rounds them. Reductions (the RMS, the
-// attention dot products and softmax sums) add in another order, which moves results by
-// float32 rounding only, as oneDNN's GEMMs already do against MKL's.
+// no fused multiply-adds (built with -ffp-contract=off), in the reference's order, so RoPE
+// and the residual add round exactly as PyTorch rounds them. SiLU's exp is a polynomial
+// within ~1 ulp of PyTorch's, and reductions (the RMS, the attention dot products and
+// softmax sums) add in another order: both move results by float32 rounding only, as
+// oneDNN's GEMMs already do against MKL's.
 //
 // Threads: at::parallel_for, i.e. PyTorch's own OpenMP pool (torch.set_num_threads), so
 // these kernels never compete with the GEMMs for cores.
