@@ -17,6 +17,24 @@ SUFFIX="$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX
 PY_INCLUDE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
 STAMPS="$ROOT/.cache/setup"
 
+# torch's version (a build's stamp names it), then what the torch extension compiles and
+# links with: torch's headers and libraries; -fopenmp for at::parallel_for, whose libgomp is
+# torch's own at run time (same soname, loaded first). One interpreter start for both.
+mapfile -t TORCH_INFO < <("$PY" - <<'EOF' 2>/dev/null
+import torch
+from torch.utils.cpp_extension import include_paths, library_paths
+print(torch.__version__)
+for path in include_paths():  # -isystem: no warnings from torch's own headers
+    print(f"-isystem{path}")
+for path in library_paths():
+    print(f"-L{path}")
+    print(f"-Wl,-rpath,{path}")
+print(f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
+EOF
+)
+TORCH_VERSION="${TORCH_INFO[0]:-}"
+TORCH_FLAGS=("${TORCH_INFO[@]:1}")
+
 # Debian packages $@ installed, or an explanation and a non-zero status.
 have_packages() {
   local missing=() package
@@ -50,7 +68,7 @@ build() {
   # kernels use -march=native) changed.
   local want
   want="$({ cat "$source" "$0"; grep -E '^(model name|flags)' /proc/cpuinfo 2>/dev/null | sort -u; } | sha1sum | cut -d' ' -f1)"
-  want+=" $SUFFIX $("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)"
+  want+=" $SUFFIX $TORCH_VERSION"
   if [[ -f "$target" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     echo "$what up to date ($target)"
     return 0
@@ -75,20 +93,7 @@ build "router's native data plane" router/native/dataplane.cc router._dataplane 
   g++ libnghttp2-dev zlib1g-dev python3-dev -- \
   -O2 -Wno-missing-field-initializers -lnghttp2 -lz
 
-# The torch extension: torch's headers and libraries; -fopenmp for at::parallel_for, whose
-# libgomp is torch's own at run time (same soname, loaded first). -ffp-contract=off keeps
-# elementwise math rounding as PyTorch's ops round (see the source).
-mapfile -t TORCH_FLAGS < <("$PY" - <<'EOF'
-import torch
-from torch.utils.cpp_extension import include_paths, library_paths
-for path in include_paths():  # -isystem: no warnings from torch's own headers
-    print(f"-isystem{path}")
-for path in library_paths():
-    print(f"-L{path}")
-    print(f"-Wl,-rpath,{path}")
-print(f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
-EOF
-)
+# -ffp-contract=off keeps elementwise math rounding as PyTorch's ops round (see the source).
 build "engine's CPU kernels" python_backends/engine/native/cpu_kernels.cc \
   python_backends.engine._cpu_kernels "the engine will run its plain PyTorch path on the CPU" \
   g++ python3-dev -- \
