@@ -13,6 +13,8 @@ model keeps its plain PyTorch path, which computes the same function.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -36,19 +38,36 @@ if _native is not None:
     silu_and_mul = _native.silu_and_mul
 
 
+def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+              length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the first `length` tokens of each row of `block_tables`, copied out
+    of the paged cache: [rows, kv_heads, length, head_dim] each (strided views of
+    [rows, length, kv_heads, head_dim] copies, which SDPA reads as they are)."""
+    block_size, kv_heads, head_dim = k_cache.shape[1:]
+    num_blocks = -(-length // block_size)
+    flat = block_tables[:, :num_blocks].reshape(-1)
+    shape = (block_tables.shape[0], num_blocks * block_size, kv_heads, head_dim)
+    # index_select on the flat table: advanced indexing (cache[table]) is ~1000x slower on
+    # the CPU for these shapes.
+    keys = k_cache.index_select(0, flat).view(shape)[:, :length]
+    values = v_cache.index_select(0, flat).view(shape)[:, :length]
+    return keys.transpose(1, 2), values.transpose(1, 2)
+
+
 def paged_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    query_start: torch.Tensor,
+    context_lens: torch.Tensor | Sequence[int],
+    query_start: torch.Tensor | Sequence[int],
     max_query_len: int,
     scale: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of prefill chunks; the contract of
-    `triton_kernels.paged_prefill_attention`.
+    `triton_kernels.paged_prefill_attention` (lengths and starts may also be lists: the
+    plain path's metadata has them so). Plain PyTorch, so the plain path runs it too.
 
     Chunks with the same (chunk length, context length) go through one batched SDPA call:
     batched 4-D inputs take PyTorch's flash kernel, where one call per chunk took its math
@@ -56,28 +75,25 @@ def paged_prefill_attention(
     """
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    starts = query_start.tolist()
-    lengths = context_lens.tolist()
+    starts = query_start.tolist() if isinstance(query_start, torch.Tensor) else query_start
+    lengths = context_lens.tolist() if isinstance(context_lens, torch.Tensor) else context_lens
     shapes: dict[tuple[int, int], list[int]] = {}
     for i, ctx_len in enumerate(lengths):
         q_len = starts[i + 1] - starts[i]
         if q_len > 0:
             shapes.setdefault((q_len, ctx_len), []).append(i)
-    block_size, kv_heads, head_dim = k_cache.shape[1:]
+    head_dim = q.shape[-1]
     for (q_len, ctx_len), chunks in shapes.items():
-        rows = torch.tensor([starts[i] + j for i in chunks for j in range(q_len)])
+        rows = torch.tensor([starts[i] + j for i in chunks for j in range(q_len)],
+                            device=q.device)
         queries = q.index_select(0, rows).view(len(chunks), q_len, -1, head_dim)
-        num_blocks = -(-ctx_len // block_size)
-        table = block_tables[chunks, :num_blocks].reshape(-1)
-        shape = (len(chunks), num_blocks * block_size, kv_heads, head_dim)
-        keys = k_cache.index_select(0, table).view(shape)[:, :ctx_len]
-        values = v_cache.index_select(0, table).view(shape)[:, :ctx_len]
+        keys, values = gather_kv(k_cache, v_cache, block_tables[chunks], ctx_len)
         mask = None
         if ctx_len != q_len:  # a cached prefix before the chunk: causal from an offset
-            query_pos = torch.arange(ctx_len - q_len, ctx_len)[:, None]
-            mask = torch.arange(ctx_len)[None, :] <= query_pos
+            query_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)[:, None]
+            mask = torch.arange(ctx_len, device=q.device)[None, :] <= query_pos
         result = F.scaled_dot_product_attention(
-            queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            queries.transpose(1, 2), keys, values,
             attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
         )
         out.index_copy_(0, rows, result.transpose(1, 2).reshape(-1, *out.shape[1:]))

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from python_backends.engine import cpu_kernels
+
 # Row count oneDNN lays a packed weight out for. Any count runs with it; 32-128 rows measured
 # alike and fastest, from single-sequence decode up to 2,048-row prefills.
 PACK_BATCH_HINT = 64
@@ -240,8 +242,10 @@ class Attention(nn.Module):
         nd = meta.num_decode
         if nd:
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta).view(nd, -1, self.head_dim)
-        if n > nd:
-            out[nd:] = self._prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta)
+        if n > nd:  # keys and values from the cache, where they were just written
+            cpu_kernels.paged_prefill_attention(
+                q[nd:], k_cache, v_cache, meta.prefill_block_tables, meta.context_lens,
+                meta.query_start, meta.prefill_max_query_len, self.scale, out=out[nd:])
         return self.o_proj(out.reshape(n, -1))
 
     def forward_fused(self, hidden, positions, rope_cos, rope_sin, k_cache, v_cache, meta,
@@ -264,57 +268,18 @@ class Attention(nn.Module):
                 meta.prefill_query_start, meta.prefill_max_query_len, self.scale, out=out[nd:])
         return self.o_proj(out.view(n, -1))
 
-    def _prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        outputs = []
-        starts = meta.query_start
-        for i in range(len(starts) - 1):
-            lo, hi = starts[i], starts[i + 1]
-            q_len, ctx_len = hi - lo, meta.context_lens[i]
-            qi = q[lo:hi].transpose(0, 1)  # [heads, q_len, dim]
-            if ctx_len == q_len:
-                # Nothing cached before this chunk: attend to the fresh keys, plain causal.
-                ki, vi = k[lo:hi].transpose(0, 1), v[lo:hi].transpose(0, 1)
-                mask, causal = None, True
-            else:
-                table = meta.prefill_block_tables[i : i + 1]
-                ki, vi = self._gather(k_cache, v_cache, table, ctx_len)
-                ki, vi = ki[0], vi[0]
-                rows = torch.arange(ctx_len - q_len, ctx_len, device=q.device)[:, None]
-                mask = torch.arange(ctx_len, device=q.device)[None, :] <= rows
-                causal = False
-            out = F.scaled_dot_product_attention(
-                qi, ki, vi, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True
-            )
-            outputs.append(out.transpose(0, 1))
-        return torch.cat(outputs, dim=0)
-
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         # SDPA reads the gathered keys and values through their strides (no copy into a
         # head-major layout) and groups query heads itself: 2.7x faster a layer than two
         # batched matmuls at 32 sequences of ~100 tokens on 2 AVX2 cores.
-        keys, values = self._gather(
-            k_cache, v_cache, meta.decode_block_tables, meta.decode_max_len
-        )
+        keys, values = cpu_kernels.gather_kv(k_cache, v_cache, meta.decode_block_tables,
+                                             meta.decode_max_len)
         b = q.shape[0]
         out = F.scaled_dot_product_attention(
             q.view(b, self.num_heads, 1, self.head_dim), keys, values,
             attn_mask=meta.decode_bias, scale=self.scale, enable_gqa=True,
         )
         return out.reshape(b, -1)
-
-    def _gather(self, k_cache, v_cache, block_tables: torch.Tensor, length: int):
-        """Keys and values of `length` tokens for each row of `block_tables`: [b, kv, len, d]."""
-        block_size = k_cache.shape[1]
-        num_blocks = (length + block_size - 1) // block_size
-        table = block_tables[:, :num_blocks]
-        b = table.shape[0]
-        # index_select on the flat table: advanced indexing (cache[table]) is ~1000x slower
-        # on the CPU for these shapes.
-        flat = table.reshape(-1)
-        shape = (b, num_blocks * block_size, self.num_kv_heads, self.head_dim)
-        keys = k_cache.index_select(0, flat).view(shape)
-        values = v_cache.index_select(0, flat).view(shape)
-        return keys[:, :length].transpose(1, 2), values[:, :length].transpose(1, 2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -507,8 +472,6 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
         model.kernels = triton_kernels
     elif device.type == "cpu" and dtype == torch.float32:
         model.pack_for_cpu()
-        from python_backends.engine import cpu_kernels
-
         if native_cpu_kernels and cpu_kernels.available():
             model.kernels = cpu_kernels
     return model
