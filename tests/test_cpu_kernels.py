@@ -162,6 +162,39 @@ def test_prefill_attention_batches_chunks_like_per_chunk_sdpa():
 
 
 @built
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 32, 130])  # row tiles of 4 and each remainder
+@pytest.mark.parametrize("out_features,in_features", [(50, 7), (960, 576), (100, 1300)])
+def test_linear_matches_matmul(rows, out_features, in_features):
+    """Column counts off the 24-wide panels, depths split into blocks (1,300 > 640), and more
+    rows than a 128-row block."""
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, in_features)
+    x = torch.randn(rows, in_features)
+    packed = cpu_kernels.pack_linear_weight(weight)
+    assert packed.shape == (-(-out_features // 24), in_features, 24)
+    got = cpu_kernels.linear(x, packed, out_features)
+    torch.testing.assert_close(got, x @ weight.T, rtol=1e-4, atol=1e-4)
+    # A non-contiguous input computes the same.
+    wide = torch.randn(rows, in_features * 2)[:, ::2].copy_(x)
+    torch.testing.assert_close(cpu_kernels.linear(wide, packed, out_features), got)
+
+
+@built
+def test_linear_rejects_what_it_cannot_multiply():
+    packed = cpu_kernels.pack_linear_weight(torch.randn(50, 8))
+    with pytest.raises(RuntimeError, match=r"x must be \[rows, 8\]"):
+        cpu_kernels.linear(torch.randn(3, 9), packed, 50)
+    with pytest.raises(RuntimeError, match="out_features 80 does not match"):
+        cpu_kernels.linear(torch.randn(3, 8), packed, 80)
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_kernels.linear(torch.randn(3, 8, dtype=torch.float64), packed, 50)
+    with pytest.raises(RuntimeError, match="pack_linear_weight"):
+        cpu_kernels.linear(torch.randn(3, 8), torch.randn(8, 50), 50)
+    with pytest.raises(RuntimeError, match="out_features, in_features"):
+        cpu_kernels.pack_linear_weight(torch.randn(50))
+
+
+@built
 @pytest.mark.parametrize("heads", [8, 2])  # head_dim 16 (generic loop) and 64 (unrolled)
 def test_fused_cpu_engine_matches_the_plain_path(tmp_path, heads):
     """Greedy tokens with the C++ kernels == the plain PyTorch path: mixed prefill/decode
@@ -177,7 +210,8 @@ def test_fused_cpu_engine_matches_the_plain_path(tmp_path, heads):
             native_cpu_kernels=native))
         assert (engine.runner.model.kernels is cpu_kernels) == native
         assert engine.runner.kernels_description() == (
-            "fused kernels: cpu_kernels" if native else "plain PyTorch ops")
+            "fused kernels: cpu_kernels, GEMMs: cpu_kernels" if native
+            else "plain PyTorch ops, GEMMs: oneDNN")
         outputs.append(engine.generate(batch, params))
         outputs.append(engine.generate(batch[-2:], params))  # again: from the prefix cache
         assert engine.block_manager.stats.hit_tokens > 0

@@ -1,12 +1,17 @@
-"""The CPU path's oneDNN-packed linear layers: same results as F.linear, plain weights freed."""
+"""The CPU path's packed linear layers (oneDNN, and the C++ kernels' GEMM where built): same
+results as F.linear, plain weights freed."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from python_backends.engine.llama import ONEDNN_LINEAR, Linear, load_model
+from python_backends.engine import cpu_kernels
+from python_backends.engine.llama import NATIVE_GEMM, ONEDNN_GEMM, Linear, load_model
 
-needs_onednn = pytest.mark.skipif(ONEDNN_LINEAR is None, reason="PyTorch built without oneDNN")
+needs_onednn = pytest.mark.skipif(ONEDNN_GEMM is None, reason="PyTorch built without oneDNN")
+GEMMS = [pytest.param(ONEDNN_GEMM, marks=needs_onednn, id="oneDNN"),
+         pytest.param(NATIVE_GEMM, id="cpu_kernels", marks=pytest.mark.skipif(
+             NATIVE_GEMM is None, reason="C++ kernels not built"))]
 
 
 def _layer(in_features: int, out_features: int, bias: bool = False) -> Linear:
@@ -17,13 +22,13 @@ def _layer(in_features: int, out_features: int, bias: bool = False) -> Linear:
     return layer
 
 
-@needs_onednn
+@pytest.mark.parametrize("gemm", GEMMS)
 @pytest.mark.parametrize("rows", [1, 5, 70])
-def test_packed_linear_matches_f_linear_and_frees_the_plain_weight(rows):
+def test_packed_linear_matches_f_linear_and_frees_the_plain_weight(rows, gemm):
     layer = _layer(96, 160)
     weight = layer.weight.detach().clone()
     x = torch.randn(rows, 96)
-    assert layer.pack_for_cpu()
+    assert layer.pack_for_cpu(gemm)
     assert layer.weight.is_meta and layer.weight.shape == (160, 96)
     with torch.inference_mode():
         got = layer(x)
@@ -37,28 +42,31 @@ def test_packed_linear_matches_f_linear_and_frees_the_plain_weight(rows):
 def test_keep_weight_leaves_the_plain_weight_readable():
     layer = _layer(32, 48)
     weight = layer.weight.detach().clone()
-    assert layer.pack_for_cpu(keep_weight=True)
+    assert layer.pack_for_cpu(ONEDNN_GEMM, keep_weight=True)
     torch.testing.assert_close(layer.weight.detach(), weight)
 
 
-@pytest.mark.parametrize("case", ["bias", "bfloat16"])
-def test_layers_onednn_cannot_take_stay_plain(case):
+@pytest.mark.parametrize("case", ["bias", "bfloat16", "no GEMM"])
+def test_layers_a_gemm_cannot_take_stay_plain(case):
     layer = _layer(32, 48, bias=case == "bias")
     if case == "bfloat16":
         layer = layer.to(torch.bfloat16)
     x = torch.randn(3, 32, dtype=layer.weight.dtype)
     expected = F.linear(x, layer.weight, layer.bias)
-    assert not layer.pack_for_cpu()
+    assert not layer.pack_for_cpu(None if case == "no GEMM" else ONEDNN_GEMM or NATIVE_GEMM)
     assert layer.packed_weight is None and not layer.weight.is_meta
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), expected)
 
 
 @needs_onednn
-def test_cpu_model_packs_every_linear_and_keeps_the_tied_embedding(model_dir):
-    model = load_model(model_dir, torch.float32, torch.device("cpu"))
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_model_packs_every_linear_and_keeps_the_tied_embedding(model_dir, native):
+    model = load_model(model_dir, torch.float32, torch.device("cpu"), native_cpu_kernels=native)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert linears and all(m.packed_weight is not None for m in linears)
+    # The fused path multiplies through the C++ GEMM; the plain path (the reference) oneDNN.
+    assert model.cpu_gemm == ("cpu_kernels" if native and cpu_kernels.available() else "oneDNN")
     assert model.config.tie_word_embeddings
     # The embedding still reads real values; the vocabulary projection packed its own copy.
     assert not model.embed_tokens.weight.is_meta

@@ -7,6 +7,9 @@ mul, and paged decode attention that reads the cache in place. Prefill attention
 PyTorch's SDPA (its flash kernel does long prompts better than a simple loop would), with
 the chunks of a step batched by shape.
 
+The extension also has the fused path's GEMM, `pack_linear_weight` and `linear`, which
+`llama.Linear` multiplies through (CUDA's path uses cuBLAS for that).
+
 Where the extension is not built (no compiler at setup), `available()` is False and the
 model keeps its plain PyTorch path, which computes the same function.
 """
@@ -36,6 +39,8 @@ if _native is not None:
     rope_and_cache = _native.rope_and_cache
     rms_norm = _native.rms_norm
     silu_and_mul = _native.silu_and_mul
+    pack_linear_weight = _native.pack_linear_weight
+    linear = _native.linear
 
 
 def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -35,46 +35,60 @@ from python_backends.engine import cpu_kernels
 PACK_BATCH_HINT = 64
 
 
-class OneDnnLinear(NamedTuple):
-    linear: Callable  # (input, packed weight, bias, "none", [], "") -> output
-    pack: Callable  # (weight, batch-size hint) -> packed weight
+class CpuGemm(NamedTuple):
+    """A CPU matrix multiply for `Linear`, whose weights it lays out once ahead of time."""
+
+    name: str
+    pack: Callable[[torch.Tensor], torch.Tensor]  # weight [out, in] -> packed weight
+    # (x [rows, in], packed weight, out features) -> x @ weight.T [rows, out]
+    multiply: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-def _onednn_linear_ops() -> OneDnnLinear | None:
-    """oneDNN's fp32 linear and weight packing, or None where this PyTorch build lacks them."""
+def _onednn_gemm() -> CpuGemm | None:
+    """oneDNN's fp32 linear with its weight reordered into oneDNN's blocked layout, or None
+    where this PyTorch build lacks it."""
     if not torch.backends.mkldnn.is_available():
         return None
     try:
-        return OneDnnLinear(torch.ops.mkldnn._linear_pointwise,
-                            torch.ops.mkldnn._reorder_linear_weight)
+        linear = torch.ops.mkldnn._linear_pointwise
+        reorder = torch.ops.mkldnn._reorder_linear_weight
     except (AttributeError, RuntimeError):
         return None
+    return CpuGemm("oneDNN",
+                   lambda weight: reorder(weight, PACK_BATCH_HINT),
+                   lambda x, packed, _out: linear(x, packed, None, "none", [], ""))
 
 
-ONEDNN_LINEAR = _onednn_linear_ops()
+# The plain path's GEMM; the fused path multiplies through the C++ kernels' own where they
+# are built (1.3-1.7x oneDNN at decode's rows: see native/cpu_kernels.cc).
+ONEDNN_GEMM = _onednn_gemm()
+NATIVE_GEMM = (CpuGemm("cpu_kernels", cpu_kernels.pack_linear_weight, cpu_kernels.linear)
+               if cpu_kernels.available() else None)
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, once packed for the CPU, multiplies through oneDNN with its weight
-    reordered ahead of time into oneDNN's blocked layout.
+    """nn.Linear that, once packed for the CPU, multiplies through a `CpuGemm` with its
+    weight laid out ahead of time.
 
     MKL's GEMM (behind F.linear) re-packs the weight on every call, which at decode's few rows
     costs about as much as the arithmetic: on 2 AVX2 cores a SmolLM2 decode step's matrix
-    multiplies take 128 ms at 32 rows with F.linear and 79 ms packed (37 and 26 ms at one row;
-    the 49,152-token vocabulary projection alone 53 and 20 ms at 32 rows). The weights stay
-    fp32, so outputs match F.linear's to rounding.
+    multiplies take 128 ms at 32 rows with F.linear and 79 ms with oneDNN packed (37 and 26
+    ms at one row; the 49,152-token vocabulary projection alone 53 and 20 ms at 32 rows). The
+    weights stay fp32, so outputs match F.linear's to rounding.
     """
 
     packed_weight: torch.Tensor | None = None
+    gemm: CpuGemm | None = None
 
-    def pack_for_cpu(self, keep_weight: bool = False) -> bool:
-        """Pack the weight; drop the plain copy unless `keep_weight` (a tied embedding still
-        reads it). False, and nothing changed, where oneDNN cannot take it."""
+    def pack_for_cpu(self, gemm: CpuGemm | None, keep_weight: bool = False) -> bool:
+        """Pack the weight for `gemm`; drop the plain copy unless `keep_weight` (a tied
+        embedding still reads it). False, and nothing changed, where `gemm` cannot take it."""
         weight = self.weight
-        if (ONEDNN_LINEAR is None or self.bias is not None or weight.device.type != "cpu"
+        if (gemm is None or self.bias is not None or weight.device.type != "cpu"
                 or weight.dtype != torch.float32):
             return False
-        self.packed_weight = ONEDNN_LINEAR.pack(weight.detach(), PACK_BATCH_HINT)
+        self.packed_weight = gemm.pack(weight.detach())
+        self.gemm = gemm
         if not keep_weight:
             # Inference only from here on. A meta tensor keeps the shape readable and makes
             # any read of the old values fail loudly.
@@ -83,10 +97,10 @@ class Linear(nn.Linear):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is None:
+        if self.gemm is None:
             return super().forward(x)
         flat = x.reshape(-1, x.shape[-1])
-        out = ONEDNN_LINEAR.linear(flat, self.packed_weight, None, "none", [], "")
+        out = self.gemm.multiply(flat, self.packed_weight, self.out_features)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -367,13 +381,19 @@ class LlamaForCausalLM(nn.Module):
         last = self.norm(hidden[meta.logits_rows])
         return self.lm_head(last).float()
 
-    def pack_for_cpu(self) -> None:
-        """Pack every linear layer's weight for oneDNN (see `Linear`). CPU fp32 only; a tied
+    def pack_for_cpu(self, gemm: CpuGemm | None) -> None:
+        """Pack every linear layer's weight for `gemm` (see `Linear`). CPU fp32 only; a tied
         vocabulary projection packs a copy, as the embedding still reads the plain weight."""
         tied = self.config.tie_word_embeddings
         for module in self.modules():
             if isinstance(module, Linear):
-                module.pack_for_cpu(keep_weight=tied and module is self.lm_head)
+                module.pack_for_cpu(gemm, keep_weight=tied and module is self.lm_head)
+
+    @property
+    def cpu_gemm(self) -> str | None:
+        """The name of the CPU GEMM the linear layers multiply through, or None (F.linear)."""
+        gemm = self.lm_head.gemm
+        return None if gemm is None else gemm.name
 
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [max_positions, head_dim // 2] (float32) for the fused RoPE kernel,
@@ -471,7 +491,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
 
         model.kernels = triton_kernels
     elif device.type == "cpu" and dtype == torch.float32:
-        model.pack_for_cpu()
         if native_cpu_kernels and cpu_kernels.available():
             model.kernels = cpu_kernels
+            model.pack_for_cpu(NATIVE_GEMM)
+        else:
+            model.pack_for_cpu(ONEDNN_GEMM)
     return model

@@ -110,15 +110,18 @@ class ModelRunner:
         return self.model.fused_kernels
 
     def kernels_description(self) -> str:
+        gemm = self.model.cpu_gemm
+        gemms = f", GEMMs: {gemm}" if gemm else ""
         kernels = self.model.kernels
         if kernels is not None:
-            return f"fused kernels: {kernels.__name__.rsplit('.', 1)[-1]}"
+            return f"fused kernels: {kernels.__name__.rsplit('.', 1)[-1]}{gemms}"
         if self.device.type == "cpu" and self.dtype == torch.float32:
             from python_backends.engine import cpu_kernels
 
             if self.config.native_cpu_kernels and not cpu_kernels.available():
-                return f"plain PyTorch ops (C++ kernels not built: {cpu_kernels.IMPORT_ERROR})"
-        return "plain PyTorch ops"
+                return (f"plain PyTorch ops{gemms} (C++ kernels not built: "
+                        f"{cpu_kernels.IMPORT_ERROR})")
+        return f"plain PyTorch ops{gemms}"
 
     @property
     def kv_bytes_per_block(self) -> int:
