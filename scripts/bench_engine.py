@@ -140,12 +140,14 @@ def genai_perf_command(
     url: str, concurrency: int, request_count: int, tokenizer: Path, artifact_dir: Path,
     extra_args: Sequence[str] = (), genai_perf: Path | str = GENAI_PERF,
     input_tokens: int = INPUT_TOKENS, output_tokens: int = OUTPUT_TOKENS,
-    output_stddev: int = 0,
+    output_stddev: int = 0, seed: int = 0,
 ) -> list[str]:
     """The GenAI-Perf 0.0.16 `profile` command for one concurrency against `llm`.
 
     Each request asks for exactly its output length (max_tokens = min_tokens): OUTPUT_TOKENS,
     or with `output_stddev` a length GenAI-Perf draws per request (normal, at least 1).
+    GenAI-Perf draws its synthetic prompts from `seed`: runs with the same seed send the same
+    prompts.
 
     No --warmup-request-count: with concurrency > 1 it makes perf_analyzer (tritonclient 2.50)
     send requests for ever; `warm_up()` warms the server instead.
@@ -161,7 +163,7 @@ def genai_perf_command(
         "--output-tokens-mean", str(output_tokens),
         "--output-tokens-mean-deterministic",
         *(["--output-tokens-stddev", str(output_stddev)] if output_stddev else []),
-        "--random-seed", "0",
+        "--random-seed", str(seed),
         "--tokenizer", str(tokenizer),
         "--artifact-dir", str(artifact_dir),
     ]
@@ -471,8 +473,13 @@ def _serving_run(args: argparse.Namespace, url: str, c: int, run_dir: Path,
     dead server also sets results["error"]: later runs would measure a broken server."""
     count = (args.variable_request_count or variable_request_count(c)) if output_stddev else (
         args.request_count or default_request_count(c, args.quick))
+    # A seed of its own for each run, so no run repeats an earlier run's prompts: with one
+    # seed for all, the engine's prefix cache served every later run's prompts from the KV
+    # blocks of the earlier ones (TTFT at c=32 1.2 s against 3.6 s cold), which generate()
+    # has no way to do.
+    seed = len(results["commands"])
     cmd = genai_perf_command(url, c, count, args.tokenizer, run_dir, args.genai_perf_args,
-                             output_stddev=output_stddev)
+                             output_stddev=output_stddev, seed=seed)
     results["commands"].append(shlex.join(display_path(Path(a)) if a.startswith("/")
                                           else a for a in cmd))
     what = f"concurrency {c}" + (f", output stddev {output_stddev}" if output_stddev else "")

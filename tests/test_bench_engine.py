@@ -141,7 +141,7 @@ def test_genai_perf_command():
                  "-u localhost:8001", "--concurrency 8", "--request-count 16",
                  "--synthetic-input-tokens-mean 64", "--synthetic-input-tokens-stddev 0",
                  "--output-tokens-mean 64", "--output-tokens-mean-deterministic",
-                 "--tokenizer /m", "--artifact-dir /a"):
+                 "--tokenizer /m", "--artifact-dir /a", "--random-seed 0"):
         assert part in joined
     assert "--warmup-request-count" not in cmd  # makes perf_analyzer 2.50 run for ever
     assert cmd[-5:] == ["-s", "25", "--", "--max-threads", "8"]
@@ -279,3 +279,22 @@ def test_genai_perf_command_with_output_stddev_and_the_option():
     assert bench.variable_request_count(32) == 192
     with pytest.raises(SystemExit):
         bench.parse_args(["--variable-request-count", "0"])
+
+
+def test_each_serving_run_draws_its_own_prompts(tmp_path: Path, monkeypatch):
+    """Runs with one seed would send the same prompts, and the prefix cache would serve the
+    later runs from the earlier runs' blocks. GenAI-Perf itself is replaced here (its runs
+    are the integration tests' and the benchmark's): the subject is the command."""
+    seeds = []
+
+    def record(cmd, log_path, timeout_s, server_process=None):
+        seeds.append(cmd[cmd.index("--random-seed") + 1])
+        raise bench.BenchError("not run")
+
+    monkeypatch.setattr(bench, "run_genai_perf", record)
+    args = bench.parse_args(["--out-dir", str(tmp_path)])
+    results = {"runs": [], "variable_runs": [], "commands": []}
+    for c in (1, 32, 32):
+        run = bench._serving_run(args, "localhost:1", c, tmp_path / f"c{c}", results, None)
+        assert run["error"] == "not run"
+    assert len(set(seeds)) == 3 and len(results["commands"]) == 3
