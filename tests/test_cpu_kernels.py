@@ -216,3 +216,31 @@ def test_fused_cpu_engine_matches_the_plain_path(tmp_path, heads):
         outputs.append(engine.generate(batch[-2:], params))  # again: from the prefix cache
         assert engine.block_manager.stats.hit_tokens > 0
     assert outputs[2:] == outputs[:2]
+
+
+@built
+def test_kernels_let_other_python_threads_run():
+    """The kernels release the GIL, as PyTorch's ops do: served, the engine loop's thread is
+    in them most of the time, and the stub's other threads must not wait for it."""
+    import threading
+    import time
+
+    weight = cpu_kernels.pack_linear_weight(torch.randn(4096, 4096))
+    x = torch.randn(512, 4096)  # ~17 GFLOP: a tenth of a second or more here
+    took = []
+
+    def multiply():
+        begin = time.perf_counter()
+        cpu_kernels.linear(x, weight, 4096)
+        took.append(time.perf_counter() - begin)
+
+    worker = threading.Thread(target=multiply)
+    longest_wait, last = 0.0, time.perf_counter()
+    worker.start()
+    while worker.is_alive():  # Python bytecode: runs only while this thread holds the GIL
+        now = time.perf_counter()
+        longest_wait, last = max(longest_wait, now - last), now
+    longest_wait = max(longest_wait, time.perf_counter() - last)
+    worker.join()
+    # Holding the GIL, the call would stop this loop for its whole length.
+    assert longest_wait < took[0] / 2, (longest_wait, took[0])

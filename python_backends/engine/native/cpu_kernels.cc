@@ -571,15 +571,19 @@ torch::Tensor SiluAndMul(torch::Tensor x) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CPU kernels for the engine's fused forward pass (float32)";
+  // Each kernel lets go of the GIL while it runs, as PyTorch's own ops do: served, the
+  // engine loop's thread spends most of a step in here, and the stub's other Python threads
+  // (new requests, cancellations) would otherwise wait for it, and it for them after.
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("paged_decode_attention", &PagedDecodeAttention, py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
-        py::arg("out") = py::none());
+        py::arg("out") = py::none(), no_gil);
   m.def("rope_and_cache", &RopeAndCache, py::arg("qkv"), py::arg("positions"), py::arg("cos"),
         py::arg("sin"), py::arg("slot_mapping"), py::arg("k_cache"), py::arg("v_cache"),
-        py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"));
+        py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), no_gil);
   m.def("rms_norm", &RmsNorm, py::arg("x"), py::arg("weight"), py::arg("eps"),
-        py::arg("residual") = py::none());
-  m.def("silu_and_mul", &SiluAndMul, py::arg("x"));
-  m.def("pack_linear_weight", &PackLinearWeight, py::arg("weight"));
-  m.def("linear", &Linear, py::arg("x"), py::arg("packed"), py::arg("out_features"));
+        py::arg("residual") = py::none(), no_gil);
+  m.def("silu_and_mul", &SiluAndMul, py::arg("x"), no_gil);
+  m.def("pack_linear_weight", &PackLinearWeight, py::arg("weight"), no_gil);
+  m.def("linear", &Linear, py::arg("x"), py::arg("packed"), py::arg("out_features"), no_gil);
 }
