@@ -60,7 +60,7 @@ def _onednn_gemm() -> CpuGemm | None:
 
 
 # The plain path's GEMM; the fused path multiplies through the C++ kernels' own where they
-# are built (1.3-1.7x oneDNN at decode's rows: see native/cpu_kernels.cc).
+# are built (1.3-1.4x oneDNN at decode's rows: docs/benchmarks/cpu_gemm.md).
 ONEDNN_GEMM = _onednn_gemm()
 NATIVE_GEMM = (CpuGemm("cpu_kernels", cpu_kernels.pack_linear_weight, cpu_kernels.linear)
                if cpu_kernels.available() else None)

@@ -146,10 +146,10 @@ void CheckIndex(const torch::Tensor& t, const char* name) {
 // The model's linear layers multiply through here, with each weight packed once at load.
 //
 // Why not oneDNN (the plain path's GEMM, with its weights also packed ahead of time): at a
-// decode step's 1-64 rows oneDNN reached 85-100 GFLOP/s on these 2 cores, well short of
-// what they do on large products, and the step is ~80% matrix multiplies. Measured on a
-// whole SmolLM2 step's GEMMs with cold weights, paired runs: this kernel 1.5x oneDNN at 1
-// row, 1.3-1.7x at 32, 1.1x at 2,048 (a prefill's rows).
+// decode step's 32 rows oneDNN reached 85-100 GFLOP/s on these 2 cores, well short of the
+// ~160 of large products, and the step was ~80% matrix multiplies. Measured on a
+// whole SmolLM2 step's GEMMs with cold weights, paired rounds (scripts/bench_cpu_gemm.py):
+// this kernel 1.3-1.4x oneDNN at 1-32 rows, 1.1-1.2x at 64 and at 2,048 (a prefill's rows).
 //
 // Layout: W [n, k] becomes panels of kPanel (24) output columns, panel p holding
 // W[24p + j][i] at [p][i][j] (zero past n), so each step of the inner loop reads 96
