@@ -43,7 +43,10 @@ def layer_shapes(model_dir: Path) -> tuple[list[tuple[int, int]], int, int]:
     """([(out, in)] of one decoder layer's four products, layer count, vocabulary size)."""
     from python_backends.engine.llama import LlamaConfig
 
-    cfg = LlamaConfig.from_model_dir(model_dir)
+    try:
+        cfg = LlamaConfig.from_model_dir(model_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise be.BenchError(f"cannot read the model's config in {model_dir}: {exc}") from exc
     hidden, head_dim = cfg.hidden_size, cfg.head_dim
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head_dim
     shapes = [(qkv, hidden), (hidden, cfg.num_attention_heads * head_dim),
@@ -83,7 +86,7 @@ def bench(model_dir: Path, rows_list: list[int], rounds: int, prefill_rounds: in
         def step(name: str, products=products, inputs=inputs) -> float:
             gemm, mats = gemms[name], packed[name]
             start = time.perf_counter()
-            for (n, k), mat in zip(products, mats, strict=False):
+            for (n, k), mat in zip(products, mats[:len(products)], strict=True):
                 gemm.multiply(inputs[k], mat, n)
             return time.perf_counter() - start
 

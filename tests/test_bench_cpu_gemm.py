@@ -46,6 +46,12 @@ def test_bench_writes_paired_results_for_decode_and_prefill_rows(tmp_path: Path)
     assert "scripts/bench_cpu_gemm.py --model-dir" in table
 
 
+def test_a_missing_model_is_a_clear_error(tmp_path: Path, capsys):
+    assert bench.main(["--model-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path)]) == 1
+    assert "cannot read the model's config" in capsys.readouterr().err
+    assert not (tmp_path / "cpu_gemm.json").exists()
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit):
         bench.parse_args(["--rounds", "0"])

@@ -2,12 +2,13 @@
 // triton_kernels.py, with the same signatures, built by scripts/build_native.sh into
 // python_backends/engine/_cpu_kernels*.so and loaded by cpu_kernels.py.
 //
-// Why: a decode step on the CPU is ~65% matrix multiplies (oneDNN) and ~35% everything
-// else, and most of that "else" is not arithmetic. Each of the ~60 small PyTorch ops of a
-// layer (RMSNorm's pow/mean/rsqrt/mul, RoPE's slices and cat, SiLU and mul, the cache
-// writes) costs a dispatch and a pass over memory, and decode attention first copies every
-// sequence's keys and values out of the paged cache into a padded buffer. Here a layer is
-// four calls, and attention reads the cache in place through the block table.
+// Why: on the plain path a decode step on the CPU was ~65% matrix multiplies (oneDNN) and
+// ~35% everything else, and most of that "else" is not arithmetic. Each of the ~60 small
+// PyTorch ops of a layer (RMSNorm's pow/mean/rsqrt/mul, RoPE's slices and cat, SiLU and mul,
+// the cache writes) costs a dispatch and a pass over memory, and decode attention first
+// copies every sequence's keys and values out of the paged cache into a padded buffer. Here
+// a layer's elementwise work is four calls, attention reads the cache in place through the
+// block table, and the linear layers have a GEMM of their own (below).
 //
 // Rounding follows the PyTorch reference ops in llama.py: elementwise math is float32 with
 // no fused multiply-adds (built with -ffp-contract=off), in the reference's order, so RoPE
@@ -17,7 +18,7 @@
 // oneDNN's GEMMs already do against MKL's.
 //
 // Threads: at::parallel_for, i.e. PyTorch's own OpenMP pool (torch.set_num_threads), so
-// these kernels never compete with the GEMMs for cores.
+// these kernels never compete with PyTorch's ops (or one another) for cores.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
