@@ -6,6 +6,7 @@ start one this way. `pb_utils` is passed in: it exists only inside Triton.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ class EngineService:
     engine: LLMEngine
     loop: EngineLoop
     metrics: EngineMetrics
+    log_info: Callable[[str], None]
 
     @classmethod
     def start(cls, pb_utils: Any, parameters: dict[str, str],
@@ -35,7 +37,7 @@ class EngineService:
         metrics = EngineMetrics(pb_utils, labels)
         loop.on_step = lambda served: metrics.update(served, loop)
         loop.start()
-        return cls(config, engine, loop, metrics)
+        return cls(config, engine, loop, metrics, pb_utils.Logger.log_info)
 
     def summary(self) -> str:
         """One line for the model's ready log: where and how it computes, and its settings."""
@@ -45,4 +47,7 @@ class EngineService:
                 f"{runner.block_size} tokens; settings {self.config.to_json()}")
 
     def shutdown(self) -> None:
+        """Stop the loop thread; log where its time went (a served step's cost beyond the
+        engine's own)."""
         self.loop.shutdown()
+        self.log_info(f"engine loop: {self.loop.times.summary()}")

@@ -162,16 +162,19 @@ def test_prefill_attention_batches_chunks_like_per_chunk_sdpa():
 
 
 @built
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 32, 130])  # row tiles of 4 and each remainder
+# Row tiles of 4 (AVX2) or 8 (AVX-512) rows, and each remainder.
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 7, 8, 9, 15, 32, 130])
 @pytest.mark.parametrize("out_features,in_features", [(50, 7), (960, 576), (100, 1300)])
 def test_linear_matches_matmul(rows, out_features, in_features):
-    """Column counts off the 24-wide panels, depths split into blocks (1,300 > 640), and more
-    rows than a 128-row block."""
+    """Column counts off the panels (24 or 48 wide), depths split into blocks (1,300 > 640),
+    and more rows than a 128-row block."""
     torch.manual_seed(0)
     weight = torch.randn(out_features, in_features)
     x = torch.randn(rows, in_features)
     packed = cpu_kernels.pack_linear_weight(weight)
-    assert packed.shape == (-(-out_features // 24), in_features, 24)
+    width = cpu_kernels.panel_width()
+    assert width in (24, 48)
+    assert packed.shape == (-(-out_features // width), in_features, width)
     got = cpu_kernels.linear(x, packed, out_features)
     torch.testing.assert_close(got, x @ weight.T, rtol=1e-4, atol=1e-4)
     # A non-contiguous input computes the same.
@@ -184,8 +187,9 @@ def test_linear_rejects_what_it_cannot_multiply():
     packed = cpu_kernels.pack_linear_weight(torch.randn(50, 8))
     with pytest.raises(RuntimeError, match=r"x must be \[rows, 8\]"):
         cpu_kernels.linear(torch.randn(3, 9), packed, 50)
-    with pytest.raises(RuntimeError, match="out_features 80 does not match"):
-        cpu_kernels.linear(torch.randn(3, 8), packed, 80)
+    wrong = 50 + cpu_kernels.panel_width()
+    with pytest.raises(RuntimeError, match=f"out_features {wrong} does not match"):
+        cpu_kernels.linear(torch.randn(3, 8), packed, wrong)
     with pytest.raises(RuntimeError, match="float32"):
         cpu_kernels.linear(torch.randn(3, 8, dtype=torch.float64), packed, 50)
     with pytest.raises(RuntimeError, match="pack_linear_weight"):

@@ -237,3 +237,19 @@ def test_sender_thread_delivers_in_order_and_never_polls_an_ended_request(engine
         assert sum(len(o.new_token_ids) for o in outs) == n
         assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
     assert not asked_after_end
+    # The loop accounts for its time: a step for each of b's 9 tokens (one more where b
+    # arrived after a's prefill had started).
+    times = loop.times
+    assert times.steps in (9, 10)
+    assert times.step > 0 and times.outputs > 0 and times.cancellation > 0
+    assert times.summary().startswith(f"{times.steps} steps in ")
+
+
+def test_loop_times_summary():
+    from python_backends.engine.loop import LoopTimes
+
+    assert LoopTimes().summary() == "no steps"
+    times = LoopTimes(step=3.0, outputs=0.5, cancellation=0.25, on_step=0.25, steps=10)
+    assert times.summary() == (
+        "10 steps in 4.0 s busy: step 3.0 s (75%), outputs 0.5 s (12%), "
+        "cancellation polls 0.2 s (6%), on_step 0.2 s (6%)")

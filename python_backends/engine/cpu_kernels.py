@@ -41,6 +41,7 @@ if _native is not None:
     silu_and_mul = _native.silu_and_mul
     pack_linear_weight = _native.pack_linear_weight
     linear = _native.linear
+    panel_width = _native.panel_width
 
 
 def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -333,13 +333,18 @@ class DecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
     def forward_fused(self, hidden, residual, positions, rope_cos, rope_sin, k_cache, v_cache,
-                      meta, kernels):
+                      meta, kernels, keep_rows: torch.Tensor | None = None):
         """Fused path. Returns (this layer's MLP output, the residual stream before it); the
-        next layer's norm adds them (as vLLM does), which rounds like `hidden + mlp(...)`."""
+        next layer's norm adds them (as vLLM does), which rounds like `hidden + mlp(...)`.
+
+        `keep_rows`: only these rows go on past attention (the last layer's, whose outputs
+        only the logits read; every row's keys and values are cached all the same)."""
         norm = self.input_layernorm
         normed, residual = kernels.rms_norm(hidden, norm.weight, norm.eps, residual)
         attn = self.self_attn.forward_fused(normed, positions, rope_cos, rope_sin, k_cache,
                                             v_cache, meta, kernels)
+        if keep_rows is not None:
+            attn, residual = attn[keep_rows], residual[keep_rows]
         norm = self.post_attention_layernorm
         normed, residual = kernels.rms_norm(attn, norm.weight, norm.eps, residual)
         return self.mlp.forward_fused(normed, kernels), residual
@@ -415,11 +420,17 @@ class LlamaForCausalLM(nn.Module):
         rope_cos, rope_sin = self.rope_tables()
         hidden = self.embed_tokens(input_ids)
         residual = None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer.forward_fused(hidden, residual, positions, rope_cos,
-                                                   rope_sin, k_cache, v_cache, meta, kernels)
-        if meta.logits_rows is not None:
-            hidden, residual = hidden[meta.logits_rows], residual[meta.logits_rows]
+        # The last layer's o_proj and MLP run on the logits rows only: in a prefill, a
+        # prompt's last token (3% fewer FLOPs on SmolLM2). A decode step keeps every row.
+        keep_rows = meta.logits_rows
+        if keep_rows is not None and keep_rows.numel() == input_ids.numel():
+            keep_rows = None
+        last_layer = len(self.layers) - 1
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches,
+                                                            strict=True)):
+            hidden, residual = layer.forward_fused(
+                hidden, residual, positions, rope_cos, rope_sin, k_cache, v_cache, meta,
+                kernels, keep_rows=keep_rows if i == last_layer else None)
         last, _ = kernels.rms_norm(hidden, self.norm.weight, self.norm.eps, residual)
         return self.lm_head(last).float()
 

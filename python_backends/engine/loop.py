@@ -32,6 +32,28 @@ log = logging.getLogger(__name__)
 Sink = Callable[[RequestOutput], bool | None]
 
 
+@dataclass
+class LoopTimes:
+    """Seconds the loop thread spent in each part of its iterations, since it started: what
+    a served step costs beyond the engine's own (`step`)."""
+
+    step: float = 0.0  # engine.step(): schedule, forward pass, sampling
+    outputs: float = 0.0  # handing outputs to the sinks (or to the sender thread)
+    cancellation: float = 0.0  # asking live requests whether they were cancelled
+    on_step: float = 0.0  # the on_step callback (metrics)
+    steps: int = 0
+
+    def summary(self) -> str:
+        busy = self.step + self.outputs + self.cancellation + self.on_step
+        if not self.steps or busy <= 0:
+            return "no steps"
+        parts = ", ".join(f"{name} {seconds:.1f} s ({seconds / busy:.0%})" for name, seconds in
+                          (("step", self.step), ("outputs", self.outputs),
+                           ("cancellation polls", self.cancellation),
+                           ("on_step", self.on_step)))
+        return f"{self.steps} steps in {busy:.1f} s busy: {parts}"
+
+
 @dataclass(eq=False)
 class _Submission:
     key: str
@@ -69,6 +91,7 @@ class EngineLoop:
         # Called on the loop thread after every iteration, idle ones included (about every
         # 0.5 s), so it also sees aborts: e.g. to publish metrics.
         self.on_step: Callable[[LLMEngine], None] | None = None
+        self.times = LoopTimes()
 
     def start(self) -> EngineLoop:
         if self._sender is not None:
@@ -118,21 +141,33 @@ class EngineLoop:
         return len(self._live)
 
     def _run(self) -> None:
+        clock, times = time.perf_counter, self.times
         while not self._stopping.is_set():
             try:
                 self._drain_inbox(block=not self.engine.has_unfinished())
                 if self._stopping.is_set():
                     break
+                started = clock()
                 self._poll_cancellation()
+                polled = clock()
                 outputs = self.engine.step()
             except Exception as exc:  # the loop must survive anything one step throws
                 log.exception("engine step failed")
                 self._fail_all(exc)
                 continue
+            stepped = clock()
             for out in outputs:
                 self._deliver(out)
+            delivered = clock()
             if self.on_step is not None:
                 self.on_step(self.engine)
+            times.cancellation += polled - started
+            schedule = self.engine.last_schedule
+            if schedule is not None and not schedule.is_empty:
+                times.steps += 1
+                times.step += stepped - polled
+                times.outputs += delivered - stepped
+                times.on_step += clock() - delivered
         self._fail_all(EngineError("the engine is shutting down"))
 
     def _drain_inbox(self, block: bool) -> None:

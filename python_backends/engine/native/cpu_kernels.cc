@@ -152,73 +152,112 @@ void CheckIndex(const torch::Tensor& t, const char* name) {
 // whole SmolLM2 step's GEMMs with cold weights, paired rounds (scripts/bench_cpu_gemm.py):
 // this kernel 1.3-1.4x oneDNN at 1-32 rows, 1.1-1.2x at 64 and at 2,048 (a prefill's rows).
 //
-// Layout: W [n, k] becomes panels of kPanel (24) output columns, panel p holding
-// W[24p + j][i] at [p][i][j] (zero past n), so each step of the inner loop reads 96
-// contiguous bytes of weights. The microkernel keeps a 4 x 24 tile of y in 12 of the 16 ymm
-// registers: per k, 3 loads of W, 4 broadcasts of x and 12 FMAs.
+// Layout: W [n, k] becomes panels of kPanel output columns (48 with AVX-512, 24 with AVX2),
+// panel p holding W[kPanel p + j][i] at [p][i][j] (zero past n), so each step of the inner
+// loop reads three contiguous vectors of weights, which a tile of rows of x multiplies
+// (below, with kPanel).
 //
 // Loop nest, in the manner of Goto's GEMM: threads take runs of consecutive panels from a
 // shared counter; within a run, k goes in blocks of at most kMaxDepth, rows in blocks of
 // kRowBlock (that block of x stays in L2 while the run's panels stream past it); and
 // while one panel is multiplied, the next panel's block is prefetched into L2, a cache line
-// every 4 steps of k. The weights come from DRAM every step (the model is larger than L3),
-// and without that prefetch the first row tile of each panel waits on them.
+// every kPrefetchEvery steps of k. The weights come from DRAM every step (the model is
+// larger than a share of L3), and without that prefetch the first row tile of each panel
+// waits on them.
 //
 // Rounding: each output sums x[r][i] * W[c][i] over i in order with FMAs, a k-block at a
 // time; oneDNN and MKL add in other orders, so results differ from theirs by float32
 // rounding only.
+//
+// The register tile follows the vector width the build targets (-march=native): with
+// AVX-512, 8 x 48 in 24 of the 32 zmm registers (3 loads of W, 8 broadcasts and 24 FMAs per
+// k); with AVX2, 4 x 24 in 12 of the 16 ymm registers (3 loads, 4 broadcasts, 12 FMAs). A
+// panel is three vectors wide either way, and weights are packed for the build that
+// multiplies them (`panel_width()` tells the width).
+#if defined(__AVX512F__)
+using GemmVec = __m512;
+constexpr int kPanel = 48;
+constexpr int kTileRows = 8;
+inline GemmVec GemmLoad(const float* p) { return _mm512_load_ps(p); }
+inline GemmVec GemmLoadU(const float* p) { return _mm512_loadu_ps(p); }
+inline void GemmStore(float* p, GemmVec v) { _mm512_storeu_ps(p, v); }
+inline GemmVec GemmBroadcast(const float* p) { return _mm512_set1_ps(*p); }
+inline GemmVec GemmFma(GemmVec a, GemmVec b, GemmVec c) { return _mm512_fmadd_ps(a, b, c); }
+inline GemmVec GemmZero() { return _mm512_setzero_ps(); }
+// A k step reads three cache lines of W; prefetch the next panel a line every step.
+constexpr int64_t kPrefetchEvery = 1;
+#elif defined(__AVX2__)
+using GemmVec = __m256;
 constexpr int kPanel = 24;
+constexpr int kTileRows = 4;
+inline GemmVec GemmLoad(const float* p) { return _mm256_load_ps(p); }
+inline GemmVec GemmLoadU(const float* p) { return _mm256_loadu_ps(p); }
+inline void GemmStore(float* p, GemmVec v) { _mm256_storeu_ps(p, v); }
+inline GemmVec GemmBroadcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline GemmVec GemmFma(GemmVec a, GemmVec b, GemmVec c) { return _mm256_fmadd_ps(a, b, c); }
+inline GemmVec GemmZero() { return _mm256_setzero_ps(); }
+constexpr int64_t kPrefetchEvery = 4;
+#else
+constexpr int kPanel = 24;
+constexpr int kTileRows = 4;
+constexpr int64_t kPrefetchEvery = 4;
+#endif
+constexpr int kVecWidth = kPanel / 3;
+// Floats of the next panel one tile prefetches per step of k (a 64-byte line every
+// kPrefetchEvery steps).
+constexpr int64_t kPrefetchPerStep = 16 / kPrefetchEvery;
 constexpr int64_t kMaxDepth = 640;
 constexpr int64_t kRowBlock = 128;
 // Runs of panels per thread a product is dealt out in (see `Linear`), of at least
-// kMinChunk panels, so that the prefetch of a run's next panel mostly fetches a panel the
-// same thread multiplies. Measured at 32 rows: 1.1x a fixed half per thread on an idle
-// machine, 1.12x with another process taking 25% of a core.
+// kMinChunk panels (96 columns), so that the prefetch of a run's next panel mostly fetches a
+// panel the same thread multiplies. Measured at 32 rows: 1.1x a fixed half per thread on an
+// idle machine, 1.12x with another process taking 25% of a core.
 constexpr int64_t kChunksPerThread = 8;
-constexpr int64_t kMinChunk = 4;
+constexpr int64_t kMinChunk = 96 / kPanel;
 
 template <int kRows>
 inline void GemmTile(const float* x, int64_t ldx, const float* w, int64_t depth, float* y,
                      int64_t ldy, bool accumulate, const float* prefetch,
                      const float* prefetch_end) {
-#ifdef __AVX2__
-  // Twelve named accumulators, a row's three through the template's rows: with an array
-  // the compiler kept them on the stack, and with the weights as memory operands of the
-  // FMAs it loaded each weight vector once per row instead of once per k.
-#define GEMM_ROWS(DO) DO(0) DO(1) DO(2) DO(3)
+#if defined(__AVX512F__) || defined(__AVX2__)
+  // Named accumulators, a row's three through the template's rows: with an array the
+  // compiler kept them on the stack, and with the weights as memory operands of the FMAs it
+  // loaded each weight vector once per row instead of once per k.
+#define GEMM_ROWS(DO) DO(0) DO(1) DO(2) DO(3) DO(4) DO(5) DO(6) DO(7)
 #define GEMM_INIT(r)                                                                \
-  __m256 acc##r##0, acc##r##1, acc##r##2;                                           \
+  GemmVec acc##r##0, acc##r##1, acc##r##2;                                          \
   if constexpr (r < kRows) {                                                        \
     if (accumulate) {                                                               \
-      acc##r##0 = _mm256_loadu_ps(y + r * ldy);                                     \
-      acc##r##1 = _mm256_loadu_ps(y + r * ldy + 8);                                 \
-      acc##r##2 = _mm256_loadu_ps(y + r * ldy + 16);                                \
+      acc##r##0 = GemmLoadU(y + r * ldy);                                           \
+      acc##r##1 = GemmLoadU(y + r * ldy + kVecWidth);                               \
+      acc##r##2 = GemmLoadU(y + r * ldy + 2 * kVecWidth);                           \
     } else {                                                                        \
-      acc##r##0 = acc##r##1 = acc##r##2 = _mm256_setzero_ps();                      \
+      acc##r##0 = acc##r##1 = acc##r##2 = GemmZero();                               \
     }                                                                               \
   }
 #define GEMM_FMA(r)                                                                 \
   if constexpr (r < kRows) {                                                        \
-    const __m256 xr = _mm256_broadcast_ss(x + r * ldx + i);                         \
-    acc##r##0 = _mm256_fmadd_ps(xr, w0, acc##r##0);                                 \
-    acc##r##1 = _mm256_fmadd_ps(xr, w1, acc##r##1);                                 \
-    acc##r##2 = _mm256_fmadd_ps(xr, w2, acc##r##2);                                 \
+    const GemmVec xr = GemmBroadcast(x + r * ldx + i);                              \
+    acc##r##0 = GemmFma(xr, w0, acc##r##0);                                         \
+    acc##r##1 = GemmFma(xr, w1, acc##r##1);                                         \
+    acc##r##2 = GemmFma(xr, w2, acc##r##2);                                         \
   }
 #define GEMM_STORE(r)                                                               \
   if constexpr (r < kRows) {                                                        \
-    _mm256_storeu_ps(y + r * ldy, acc##r##0);                                       \
-    _mm256_storeu_ps(y + r * ldy + 8, acc##r##1);                                   \
-    _mm256_storeu_ps(y + r * ldy + 16, acc##r##2);                                  \
+    GemmStore(y + r * ldy, acc##r##0);                                              \
+    GemmStore(y + r * ldy + kVecWidth, acc##r##1);                                  \
+    GemmStore(y + r * ldy + 2 * kVecWidth, acc##r##2);                              \
   }
+  static_assert(kRows <= 8, "GEMM_ROWS names eight rows");
   GEMM_ROWS(GEMM_INIT)
   for (int64_t i = 0; i < depth; ++i) {
-    if ((i & 3) == 0 && prefetch < prefetch_end) {
+    if (i % kPrefetchEvery == 0 && prefetch < prefetch_end) {
       _mm_prefetch(reinterpret_cast<const char*>(prefetch), _MM_HINT_T1);
       prefetch += 16;  // a 64-byte line
     }
-    __m256 w0 = _mm256_load_ps(w), w1 = _mm256_load_ps(w + 8), w2 = _mm256_load_ps(w + 16);
+    GemmVec w0 = GemmLoad(w), w1 = GemmLoad(w + kVecWidth), w2 = GemmLoad(w + 2 * kVecWidth);
     // Keeps the three in registers: otherwise GCC folds the loads into the FMAs.
-    asm("" : "+x"(w0), "+x"(w1), "+x"(w2));
+    asm("" : "+v"(w0), "+v"(w1), "+v"(w2));
     w += kPanel;
     GEMM_ROWS(GEMM_FMA)
   }
@@ -247,7 +286,7 @@ void GemmTileAnyWidth(const float* x, int64_t ldx, const float* w, int64_t depth
     GemmTile<kRows>(x, ldx, w, depth, y, ldy, accumulate, prefetch, prefetch_end);
     return;
   }
-  alignas(32) float tile[kRows * kPanel];
+  alignas(64) float tile[kRows * kPanel];
   for (int r = 0; r < kRows && accumulate; ++r)
     std::copy(y + r * ldy, y + r * ldy + width, tile + r * kPanel);
   GemmTile<kRows>(x, ldx, w, depth, tile, kPanel, accumulate, prefetch, prefetch_end);
@@ -273,12 +312,15 @@ void MultiplyPanels(const float* xs, const float* ws, float* ys, int64_t rows, i
         const float* xb = xs + r0 * k + k0;
         float* yb = ys + r0 * n + p * kPanel;
         int64_t r = 0;
-        for (; r + 4 <= block_rows; r += 4, prefetch += depth * 4)
-          GemmTileAnyWidth<4>(xb + r * k, k, w, depth, yb + r * n, n, width, accumulate,
-                              prefetch, prefetch_end);
+        for (; r + kTileRows <= block_rows; r += kTileRows, prefetch += depth * kPrefetchPerStep)
+          GemmTileAnyWidth<kTileRows>(xb + r * k, k, w, depth, yb + r * n, n, width,
+                                      accumulate, prefetch, prefetch_end);
         if (const int64_t rest = block_rows - r; rest > 0) {
           constexpr decltype(&GemmTileAnyWidth<1>) kRemainder[] = {
-              nullptr, &GemmTileAnyWidth<1>, &GemmTileAnyWidth<2>, &GemmTileAnyWidth<3>};
+              nullptr, &GemmTileAnyWidth<1>, &GemmTileAnyWidth<2>, &GemmTileAnyWidth<3>,
+              &GemmTileAnyWidth<4>, &GemmTileAnyWidth<5>, &GemmTileAnyWidth<6>,
+              &GemmTileAnyWidth<7>};
+          static_assert(kTileRows <= 8, "kRemainder holds tiles of up to seven rows");
           kRemainder[rest](xb + r * k, k, w, depth, yb + r * n, n, width, accumulate, prefetch,
                            prefetch_end);
         }
@@ -289,7 +331,7 @@ void MultiplyPanels(const float* xs, const float* ws, float* ys, int64_t rows, i
 
 }  // namespace
 
-// W [n, k] -> [ceil(n / 24), k, 24], the layout `Linear` multiplies by.
+// W [n, k] -> [ceil(n / kPanel), k, kPanel], the layout `Linear` multiplies by.
 torch::Tensor PackLinearWeight(torch::Tensor weight) {
   CheckFloat(weight, "weight");
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) > 0 && weight.size(1) > 0,
@@ -348,6 +390,21 @@ torch::Tensor Linear(torch::Tensor x, torch::Tensor packed, int64_t out_features
   return y;
 }
 
+// Calls visit(t, token) for the first `length` tokens of a paged cache, `token` pointing at
+// token t's row: a block at a time, with no division per token (one per token was a third
+// of decode attention's time).
+template <typename Visit>
+inline void ForEachCachedToken(const float* cache, const int64_t* blocks, int64_t block_size,
+                               int64_t length, int64_t token_stride, Visit visit) {
+  for (int64_t b = 0, t = 0; t < length; ++b) {
+    const float* token = cache + blocks[b] * block_size * token_stride;
+    for (const int64_t end = std::min(length, t + block_size); t < end;
+         ++t, token += token_stride) {
+      visit(t, token);
+    }
+  }
+}
+
 // One sequence's query heads that share kv head `kv` (`group` rows of q, `q_head` apart)
 // over its `length` cached tokens: two passes, keys then values, each read in place through
 // the block list. kDim: the head size fixed at compile time (0: `head_dim`), which keeps a
@@ -358,13 +415,12 @@ void DecodeGroup(const float* query, int64_t q_head, int64_t group, int64_t leng
                  const float* v_cache, int64_t token_stride, int64_t head_dim, float scale,
                  float* scores, float* out) {
   const int64_t dim = kDim > 0 ? kDim : head_dim;
-  for (int64_t t = 0; t < length; ++t) {
-    const float* key = k_cache + (blocks[t / block_size] * block_size + t % block_size) *
-                                     token_stride;
-    for (int64_t g = 0; g < group; ++g) {
-      scores[g * length + t] = Dot(query + g * q_head, key, dim) * scale;
-    }
-  }
+  ForEachCachedToken(k_cache, blocks, block_size, length, token_stride,
+                     [&](int64_t t, const float* key) {
+                       for (int64_t g = 0; g < group; ++g) {
+                         scores[g * length + t] = Dot(query + g * q_head, key, dim) * scale;
+                       }
+                     });
   for (int64_t g = 0; g < group; ++g) {
     float* row = scores + g * length;
     const float top = *std::max_element(row, row + length);
@@ -375,14 +431,13 @@ void DecodeGroup(const float* query, int64_t q_head, int64_t group, int64_t leng
       constexpr int kVectors = kDim / 8;
       __m256 sum[kVectors];
       for (int i = 0; i < kVectors; ++i) sum[i] = _mm256_setzero_ps();
-      for (int64_t t = 0; t < length; ++t) {
-        const float* value = v_cache + (blocks[t / block_size] * block_size +
-                                        t % block_size) * token_stride;
-        const __m256 w = _mm256_set1_ps(row[t]);
-        for (int i = 0; i < kVectors; ++i) {
-          sum[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + 8 * i), sum[i]);
-        }
-      }
+      ForEachCachedToken(v_cache, blocks, block_size, length, token_stride,
+                         [&](int64_t t, const float* value) {
+                           const __m256 w = _mm256_set1_ps(row[t]);
+                           for (int i = 0; i < kVectors; ++i) {
+                             sum[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + 8 * i), sum[i]);
+                           }
+                         });
       const __m256 scale_out = _mm256_set1_ps(inv);
       for (int i = 0; i < kVectors; ++i) {
         _mm256_storeu_ps(acc + 8 * i, _mm256_mul_ps(sum[i], scale_out));
@@ -391,11 +446,8 @@ void DecodeGroup(const float* query, int64_t q_head, int64_t group, int64_t leng
     }
 #endif
     std::fill(acc, acc + dim, 0.0f);
-    for (int64_t t = 0; t < length; ++t) {
-      const float* value = v_cache + (blocks[t / block_size] * block_size + t % block_size) *
-                                         token_stride;
-      Axpy(row[t], value, acc, dim);
-    }
+    ForEachCachedToken(v_cache, blocks, block_size, length, token_stride,
+                       [&](int64_t t, const float* value) { Axpy(row[t], value, acc, dim); });
     for (int64_t d = 0; d < dim; ++d) acc[d] *= inv;
   }
 }
@@ -549,7 +601,7 @@ std::tuple<torch::Tensor, torch::Tensor> RmsNorm(torch::Tensor x, torch::Tensor 
   return {out, stream};
 }
 
-// SiLU(x[:, :n]) * x[:, n:] for x: [tokens, 2n].
+// SiLU(x[:, :n]) * x[:, n:] for x: [tokens, 2n], in one pass over x.
 torch::Tensor SiluAndMul(torch::Tensor x) {
   CheckFloat(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0,
@@ -557,14 +609,21 @@ torch::Tensor SiluAndMul(torch::Tensor x) {
   const int64_t rows = x.size(0), n = x.size(1) / 2;
   torch::Tensor out = torch::empty({rows, n}, x.options());
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> e(n);
     for (int64_t r = begin; r < end; ++r) {
       const float* gate = x.data_ptr<float>() + r * x.stride(0);
       const float* up = gate + n;
       float* o = out.data_ptr<float>() + r * n;
-      for (int64_t i = 0; i < n; ++i) e[i] = -gate[i];
-      ExpShiftedSum(e.data(), 0.0f, e.data(), n);
-      for (int64_t i = 0; i < n; ++i) o[i] = (gate[i] / (1.0f + e[i])) * up[i];
+      int64_t i = 0;
+#ifdef __AVX2__
+      const __m256 one = _mm256_set1_ps(1.0f);
+      for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = Exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)),
+                                              _mm256_loadu_ps(up + i)));
+      }
+#endif
+      for (; i < n; ++i) o[i] = (gate[i] / (1.0f + std::exp(-gate[i]))) * up[i];
     }
   });
   return out;
@@ -586,5 +645,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("residual") = py::none(), no_gil);
   m.def("silu_and_mul", &SiluAndMul, py::arg("x"), no_gil);
   m.def("pack_linear_weight", &PackLinearWeight, py::arg("weight"), no_gil);
+  m.def("panel_width", [] { return kPanel; },
+        "Output columns per panel of pack_linear_weight's layout (this build's vector width)");
   m.def("linear", &Linear, py::arg("x"), py::arg("packed"), py::arg("out_features"), no_gil);
 }
