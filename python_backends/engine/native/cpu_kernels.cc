@@ -452,6 +452,87 @@ void DecodeGroup(const float* query, int64_t q_head, int64_t group, int64_t leng
   }
 }
 
+#ifdef __AVX512F__
+// DecodeGroup with the group size and head size fixed at compile time, for AVX-512: the
+// group's queries stay in registers, each key is loaded once for all of them, and the
+// values are read in one pass that updates every head's sum. About a third of the
+// instructions of the generic version, whose reductions and reloads of q dominated.
+template <int kDim, int kGroup>
+void DecodeGroupFixed(const float* query, int64_t q_head, int64_t group, int64_t length,
+                      const int64_t* blocks, int64_t block_size, const float* k_cache,
+                      const float* v_cache, int64_t token_stride, int64_t head_dim,
+                      float scale, float* scores, float* out) {
+  constexpr int kVectors = kDim / 16;
+  __m512 q[kGroup][kVectors];
+  for (int g = 0; g < kGroup; ++g)
+    for (int v = 0; v < kVectors; ++v) q[g][v] = _mm512_loadu_ps(query + g * q_head + 16 * v);
+  ForEachCachedToken(k_cache, blocks, block_size, length, token_stride,
+                     [&](int64_t t, const float* key) {
+                       __m512 k[kVectors];
+                       for (int v = 0; v < kVectors; ++v) k[v] = _mm512_loadu_ps(key + 16 * v);
+                       for (int g = 0; g < kGroup; ++g) {
+                         __m512 acc = _mm512_mul_ps(q[g][0], k[0]);
+                         for (int v = 1; v < kVectors; ++v)
+                           acc = _mm512_fmadd_ps(q[g][v], k[v], acc);
+                         scores[g * length + t] = _mm512_reduce_add_ps(acc) * scale;
+                       }
+                     });
+  float inv[kGroup];
+  for (int g = 0; g < kGroup; ++g) {
+    float* row = scores + g * length;
+    const float top = *std::max_element(row, row + length);
+    inv[g] = 1.0f / ExpShiftedSum(row, top, row, length);
+  }
+  __m512 sum[kGroup][kVectors];
+  for (int g = 0; g < kGroup; ++g)
+    for (int v = 0; v < kVectors; ++v) sum[g][v] = _mm512_setzero_ps();
+  ForEachCachedToken(v_cache, blocks, block_size, length, token_stride,
+                     [&](int64_t t, const float* value) {
+                       __m512 x[kVectors];
+                       for (int v = 0; v < kVectors; ++v) x[v] = _mm512_loadu_ps(value + 16 * v);
+                       for (int g = 0; g < kGroup; ++g) {
+                         const __m512 w = _mm512_set1_ps(scores[g * length + t]);
+                         for (int v = 0; v < kVectors; ++v)
+                           sum[g][v] = _mm512_fmadd_ps(w, x[v], sum[g][v]);
+                       }
+                     });
+  for (int g = 0; g < kGroup; ++g) {
+    const __m512 scale_out = _mm512_set1_ps(inv[g]);
+    for (int v = 0; v < kVectors; ++v)
+      _mm512_storeu_ps(out + g * kDim + 16 * v, _mm512_mul_ps(sum[g][v], scale_out));
+  }
+}
+#endif
+
+using DecodeKernel = void (*)(const float*, int64_t, int64_t, int64_t, const int64_t*, int64_t,
+                              const float*, const float*, int64_t, int64_t, float, float*,
+                              float*);
+
+// The fastest DecodeGroup this build has for a head size and group size.
+DecodeKernel PickDecodeKernel(int64_t dim, int64_t group) {
+#ifdef __AVX512F__
+  // Register budget, of the 32 zmm: the group's queries (or sums), group * dim / 16, and a
+  // key (or value), dim / 16.
+  if (dim == 64) {
+    switch (group) {
+      case 1: return &DecodeGroupFixed<64, 1>;
+      case 2: return &DecodeGroupFixed<64, 2>;
+      case 3: return &DecodeGroupFixed<64, 3>;
+      case 4: return &DecodeGroupFixed<64, 4>;
+      case 6: return &DecodeGroupFixed<64, 6>;
+      default: break;
+    }
+  } else if (dim == 128) {
+    switch (group) {
+      case 1: return &DecodeGroupFixed<128, 1>;
+      case 2: return &DecodeGroupFixed<128, 2>;
+      default: break;
+    }
+  }
+#endif
+  return dim == 64 ? &DecodeGroup<64> : dim == 128 ? &DecodeGroup<128> : &DecodeGroup<0>;
+}
+
 // Attention of one new query token per sequence over its cached keys and values, read in
 // place from the paged cache. q: [batch, heads, head_dim]; caches: [blocks, block_size,
 // kv_heads, head_dim]; block_tables: [batch, >= blocks used]; context_lens: [batch].
@@ -484,7 +565,7 @@ torch::Tensor PagedDecodeAttention(torch::Tensor q, torch::Tensor k_cache,
   const int64_t q_seq = q.stride(0), q_head = q.stride(1);
   const int64_t token_stride = kv_heads * dim;
   const float fscale = static_cast<float>(scale);
-  auto kernel = dim == 64 ? &DecodeGroup<64> : dim == 128 ? &DecodeGroup<128> : &DecodeGroup<0>;
+  const DecodeKernel kernel = PickDecodeKernel(dim, group);
 
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
