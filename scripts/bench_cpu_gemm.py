@@ -75,8 +75,10 @@ def bench(model_dir: Path, rows_list: list[int], rounds: int, prefill_rounds: in
         packed["oneDNN"].append(ONEDNN_GEMM.pack(w))
         packed["cpu_kernels"].append(NATIVE_GEMM.pack(w))
     gemms = {"oneDNN": ONEDNN_GEMM, "cpu_kernels": NATIVE_GEMM}
+    from python_backends.engine import cpu_kernels
+
     results: dict[str, Any] = {"shapes": {"layer": shapes, "layers": layers, "vocab": vocab},
-                               "runs": []}
+                               "gemm_tile": cpu_kernels.gemm_tile(), "runs": []}
     for rows in rows_list:
         decode = rows <= DECODE_MAX_ROWS
         products = weights + ([(vocab, hidden)] if decode else [])
@@ -125,6 +127,8 @@ def render(report: dict[str, Any]) -> str:
         f"({', '.join(f'{n}x{k}' for n, k in shapes['layer'])}, out x in) with fresh weights "
         f"per layer, plus the {shapes['vocab']}-token vocabulary projection at up to "
         f"{DECODE_MAX_ROWS} rows (a decode step; a prefill projects only last tokens). "
+        f"The C++ GEMM's register tile in this build (-march=native): "
+        f"{report['results'].get('gemm_tile', '?')}. "
         f"Machine: {facts.get('nproc')} cores, {facts.get('cpu_model', '?')}, torch "
         f"{facts.get('torch', '?')}, {facts['date']}.",
         "",

@@ -44,6 +44,10 @@ def test_bench_writes_paired_results_for_decode_and_prefill_rows(tmp_path: Path)
     table = (out / "cpu_gemm.md").read_text()
     assert "| 3 | decode step |" in table and "| 70 | prefill |" in table
     assert "scripts/bench_cpu_gemm.py --model-dir" in table
+    from python_backends.engine import cpu_kernels
+
+    assert report["results"]["gemm_tile"] == cpu_kernels.gemm_tile()
+    assert f"register tile in this build (-march=native): {cpu_kernels.gemm_tile()}." in table
 
 
 def test_a_missing_model_is_a_clear_error(tmp_path: Path, capsys):

@@ -178,6 +178,8 @@ def test_linear_matches_matmul(rows, out_features, in_features):
     packed = cpu_kernels.pack_linear_weight(weight)
     width = cpu_kernels.panel_width()
     assert width in (24, 48)
+    assert cpu_kernels.gemm_tile() in ("8x48 AVX-512", "4x24 AVX2", "4x24 scalar")
+    assert cpu_kernels.gemm_tile().split()[0].endswith(f"x{width}")
     assert packed.shape == (-(-out_features // width), in_features, width)
     got = cpu_kernels.linear(x, packed, out_features)
     torch.testing.assert_close(got, x @ weight.T, rtol=1e-4, atol=1e-4)
@@ -218,8 +220,8 @@ def test_fused_cpu_engine_matches_the_plain_path(tmp_path, heads):
             native_cpu_kernels=native))
         assert (engine.runner.model.kernels is cpu_kernels) == native
         assert engine.runner.kernels_description() == (
-            "fused kernels: cpu_kernels, GEMMs: cpu_kernels" if native
-            else "plain PyTorch ops, GEMMs: oneDNN")
+            f"fused kernels: cpu_kernels, GEMMs: cpu_kernels ({cpu_kernels.gemm_tile()} tile)"
+            if native else "plain PyTorch ops, GEMMs: oneDNN")
         outputs.append(engine.generate(batch, params))
         outputs.append(engine.generate(batch[-2:], params))  # again: from the prefix cache
         assert engine.block_manager.stats.hit_tokens > 0

@@ -42,6 +42,7 @@ if _native is not None:
     pack_linear_weight = _native.pack_linear_weight
     linear = _native.linear
     panel_width = _native.panel_width
+    gemm_tile = _native.gemm_tile
 
 
 def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

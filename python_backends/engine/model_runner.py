@@ -112,6 +112,10 @@ class ModelRunner:
     def kernels_description(self) -> str:
         gemm = self.model.cpu_gemm
         gemms = f", GEMMs: {gemm}" if gemm else ""
+        if gemm == "cpu_kernels":
+            from python_backends.engine import cpu_kernels
+
+            gemms += f" ({cpu_kernels.gemm_tile()} tile)"
         kernels = self.model.kernels
         if kernels is not None:
             return f"fused kernels: {kernels.__name__.rsplit('.', 1)[-1]}{gemms}"

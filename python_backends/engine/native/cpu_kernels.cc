@@ -27,6 +27,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #ifdef __AVX2__
@@ -178,6 +179,7 @@ void CheckIndex(const torch::Tensor& t, const char* name) {
 using GemmVec = __m512;
 constexpr int kPanel = 48;
 constexpr int kTileRows = 8;
+constexpr const char* kGemmIsa = "AVX-512";
 inline GemmVec GemmLoad(const float* p) { return _mm512_load_ps(p); }
 inline GemmVec GemmLoadU(const float* p) { return _mm512_loadu_ps(p); }
 inline void GemmStore(float* p, GemmVec v) { _mm512_storeu_ps(p, v); }
@@ -190,6 +192,7 @@ constexpr int64_t kPrefetchEvery = 1;
 using GemmVec = __m256;
 constexpr int kPanel = 24;
 constexpr int kTileRows = 4;
+constexpr const char* kGemmIsa = "AVX2";
 inline GemmVec GemmLoad(const float* p) { return _mm256_load_ps(p); }
 inline GemmVec GemmLoadU(const float* p) { return _mm256_loadu_ps(p); }
 inline void GemmStore(float* p, GemmVec v) { _mm256_storeu_ps(p, v); }
@@ -200,6 +203,7 @@ constexpr int64_t kPrefetchEvery = 4;
 #else
 constexpr int kPanel = 24;
 constexpr int kTileRows = 4;
+constexpr const char* kGemmIsa = "scalar";
 constexpr int64_t kPrefetchEvery = 4;
 #endif
 constexpr int kVecWidth = kPanel / 3;
@@ -728,5 +732,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_linear_weight", &PackLinearWeight, py::arg("weight"), no_gil);
   m.def("panel_width", [] { return kPanel; },
         "Output columns per panel of pack_linear_weight's layout (this build's vector width)");
+  m.def("gemm_tile", [] {
+    return std::to_string(kTileRows) + "x" + std::to_string(kPanel) + " " + kGemmIsa;
+  }, "The GEMM's register tile (rows x columns) and instruction set, e.g. '8x48 AVX-512'");
   m.def("linear", &Linear, py::arg("x"), py::arg("packed"), py::arg("out_features"), no_gil);
 }
