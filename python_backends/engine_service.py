@@ -32,12 +32,12 @@ class EngineService:
         if not parameters.get("model_dir"):
             parameters["model_dir"] = str(default_model_dir())
         config = EngineConfig.from_parameters(parameters)
-        engine = LLMEngine(config)
-        loop = EngineLoop(engine, output_thread=config.output_thread)
+        # Built on the thread that runs it: see EngineLoop.build_and_start.
+        loop = EngineLoop.build_and_start(lambda: LLMEngine(config),
+                                          output_thread=config.output_thread)
         metrics = EngineMetrics(pb_utils, labels)
         loop.on_step = lambda served: metrics.update(served, loop)
-        loop.start()
-        return cls(config, engine, loop, metrics, pb_utils.Logger.log_info)
+        return cls(config, loop.engine, loop, metrics, pb_utils.Logger.log_info)
 
     def summary(self) -> str:
         """One line for the model's ready log: where and how it computes, and its settings."""

@@ -253,3 +253,45 @@ def test_loop_times_summary():
     assert times.summary() == (
         "10 steps in 4.0 s busy: step 3.0 s (75%), outputs 0.5 s (12%), "
         "cancellation polls 0.2 s (6%), on_step 0.2 s (6%)")
+
+
+def test_build_and_start_builds_the_engine_on_the_thread_that_runs_it(engine, reference):
+    """A server's engine is built on the loop thread (one OpenMP team: see
+    EngineLoop.build_and_start), then serves as usual."""
+    import threading
+
+    from python_backends.engine.loop import EngineLoop
+
+    built_on = []
+    finished = threading.Event()
+    tokens: list[int] = []
+
+    def build():
+        built_on.append(threading.current_thread().name)
+        return engine
+
+    def sink(out):
+        tokens.extend(out.new_token_ids)
+        if out.finished:
+            finished.set()
+
+    loop = EngineLoop.build_and_start(build)
+    try:
+        assert loop.engine is engine
+        prompt, expected = reference[PROMPTS[0]]
+        loop.submit("built", prompt, SamplingParams(max_tokens=len(expected)), sink)
+        assert finished.wait(60)
+    finally:
+        loop.shutdown()
+    assert built_on == ["engine-loop"]
+    assert tokens == expected
+
+
+def test_build_and_start_raises_what_the_build_raised():
+    from python_backends.engine.loop import EngineLoop
+
+    def build():
+        raise ConfigError("max_num_seqs must be positive, got 0")
+
+    with pytest.raises(ConfigError, match="max_num_seqs"):
+        EngineLoop.build_and_start(build)

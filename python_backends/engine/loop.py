@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from python_backends.engine.engine import LLMEngine, RequestOutput
 from python_backends.engine.errors import EngineError
@@ -98,6 +99,41 @@ class EngineLoop:
             self._sender.start()
         self._thread.start()
         return self
+
+    @classmethod
+    def build_and_start(cls, build: Callable[[], LLMEngine], **options: Any) -> EngineLoop:
+        """Build the engine on the loop's own thread, then run it there; return once it is
+        built, raising what `build` raised. `options`: the constructor's.
+
+        What a server should use. PyTorch runs its CPU kernels on an OpenMP team per calling
+        thread, so a model loaded on one thread and run on another leaves two teams, more
+        OpenMP threads than cores on a small machine; libgomp then waits for the next
+        parallel region with about 100 spins instead of 300,000 before it sleeps, and a
+        decode step is a few hundred such regions. Served at c=32 on 2 cores, with the model
+        loaded on the stub's main thread, the worker thread sat idle 21% of the time and the
+        engine ran at 0.70x its speed alone.
+        """
+        loop = cls(None, **options)  # type: ignore[arg-type]
+        built = threading.Event()
+        failure: list[BaseException] = []
+
+        def build_then_run() -> None:
+            try:
+                loop.engine = build()
+            except BaseException as exc:  # handed to the caller, which re-raises it
+                failure.append(exc)
+                return
+            finally:
+                built.set()
+            loop._run()
+
+        loop._thread = threading.Thread(target=build_then_run, name="engine-loop", daemon=True)
+        loop.start()
+        built.wait()
+        if failure:
+            loop.shutdown()
+            raise failure[0]
+        return loop
 
     def submit(
         self,
