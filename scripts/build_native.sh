@@ -8,6 +8,10 @@
 # Without a compiler or headers (and no apt-get to install them) it says so and exits 0:
 # the router then carries inference through grpcio (data_plane = "auto") and the engine
 # runs its plain PyTorch path.
+#
+# `build_native.sh cpu-kernels-variant DIR NAME [g++ flags...]` instead compiles the CPU
+# kernels once more, as the module NAME in DIR, with the extra flags (no stamp, nothing
+# installed): e.g. the AVX2 build on an AVX-512 machine, for the tests of both.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -88,15 +92,30 @@ build() {
   echo "$what built ($target)"
 }
 
+# The CPU kernels' flags, but for the module name. -ffp-contract=off keeps elementwise math
+# rounding as PyTorch's ops round (see the source).
+kernel_flags() {
+  echo -O3 -march=native -ffp-contract=off -fopenmp -Wno-missing-field-initializers \
+    "-DTORCH_EXTENSION_NAME=$1" -DTORCH_API_INCLUDE_EXTENSION_H
+}
+
+if [[ "${1:-}" == "cpu-kernels-variant" ]]; then
+  dir="$2" name="$3"
+  shift 3
+  # shellcheck disable=SC2046  # kernel_flags prints words
+  g++ -std=c++20 -shared -fPIC -I"$PY_INCLUDE" python_backends/engine/native/cpu_kernels.cc \
+    -o "$dir/$name$SUFFIX" $(kernel_flags "$name") "${TORCH_FLAGS[@]}" \
+    -lc10 -ltorch -ltorch_cpu -ltorch_python "$@"
+  exit 0
+fi
+
 build "router's native data plane" router/native/dataplane.cc router._dataplane \
   "the router will use its pure-Python data plane" \
   g++ libnghttp2-dev zlib1g-dev python3-dev -- \
   -O2 -Wno-missing-field-initializers -lnghttp2 -lz
 
-# -ffp-contract=off keeps elementwise math rounding as PyTorch's ops round (see the source).
+# shellcheck disable=SC2046
 build "engine's CPU kernels" python_backends/engine/native/cpu_kernels.cc \
   python_backends.engine._cpu_kernels "the engine will run its plain PyTorch path on the CPU" \
   g++ python3-dev -- \
-  -O3 -march=native -ffp-contract=off -fopenmp -Wno-missing-field-initializers \
-  -DTORCH_EXTENSION_NAME=_cpu_kernels -DTORCH_API_INCLUDE_EXTENSION_H "${TORCH_FLAGS[@]}" \
-  -lc10 -ltorch -ltorch_cpu -ltorch_python
+  $(kernel_flags _cpu_kernels) "${TORCH_FLAGS[@]}" -lc10 -ltorch -ltorch_cpu -ltorch_python

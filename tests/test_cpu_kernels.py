@@ -254,3 +254,49 @@ def test_kernels_let_other_python_threads_run():
     worker.join()
     # Holding the GIL, the call would stop this loop for its whole length.
     assert longest_wait < took[0] / 2, (longest_wait, took[0])
+
+
+def _has_avx512() -> bool:
+    try:
+        return " avx512f" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+@built
+@pytest.mark.skipif(not _has_avx512(),
+                    reason="no AVX-512 here: the native build is the AVX2 one, tested above")
+def test_the_avx2_build_computes_the_same(tmp_path):
+    """On an AVX-512 machine the native build takes its AVX-512 paths (the 8 x 48 GEMM tile,
+    the fixed-group decode attention). An AVX2-only machine builds the others: build the
+    kernels once more without AVX-512 and check those too."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(["bash", "scripts/build_native.sh", "cpu-kernels-variant", str(tmp_path),
+                    "_cpu_kernels_avx2", "-mno-avx512f"],
+                   cwd=root, env={**os.environ, "PY": sys.executable},
+                   check=True, timeout=600)
+    spec = importlib.util.spec_from_file_location(
+        "_cpu_kernels_avx2", next(tmp_path.glob("_cpu_kernels_avx2*.so")))
+    avx2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(avx2)
+    assert avx2.gemm_tile() == "4x24 AVX2" and avx2.panel_width() == 24
+    torch.manual_seed(0)
+    for rows, out_features, in_features in [(1, 50, 7), (5, 960, 576), (130, 100, 1300)]:
+        weight, x = torch.randn(out_features, in_features), torch.randn(rows, in_features)
+        got = avx2.linear(x, avx2.pack_linear_weight(weight), out_features)
+        torch.testing.assert_close(got, x @ weight.T, rtol=1e-4, atol=1e-4)
+    k_cache, v_cache = torch.randn(2, 64, 16, 3, 64).unbind(0)
+    q = torch.randn(4, 9, 64)
+    lens = torch.tensor([1, 17, 0, 200], dtype=torch.int32)
+    tables = torch.stack([torch.randperm(64)[:16] for _ in range(4)]).to(torch.int32)
+    out = avx2.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.3)
+    assert torch.allclose(out, reference_decode(q, k_cache, v_cache, tables, lens, 0.3),
+                          atol=1e-5)
+    x = torch.randn(33, 2 * 100)
+    torch.testing.assert_close(avx2.silu_and_mul(x), cpu_kernels.silu_and_mul(x))

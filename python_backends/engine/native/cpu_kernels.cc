@@ -457,6 +457,10 @@ void DecodeGroup(const float* query, int64_t q_head, int64_t group, int64_t leng
 }
 
 #ifdef __AVX512F__
+// GCC 12's _mm512_reduce_add_ps starts from a self-initialized 'undefined' vector, which
+// -Wmaybe-uninitialized reports wherever it is inlined.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // DecodeGroup with the group size and head size fixed at compile time, for AVX-512: the
 // group's queries stay in registers, each key is loaded once for all of them, and the
 // values are read in one pass that updates every head's sum. About a third of the
@@ -506,6 +510,7 @@ void DecodeGroupFixed(const float* query, int64_t q_head, int64_t group, int64_t
       _mm512_storeu_ps(out + g * kDim + 16 * v, _mm512_mul_ps(sum[g][v], scale_out));
   }
 }
+#pragma GCC diagnostic pop
 #endif
 
 using DecodeKernel = void (*)(const float*, int64_t, int64_t, int64_t, const int64_t*, int64_t,
