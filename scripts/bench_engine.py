@@ -32,7 +32,8 @@ One run does these steps:
      tokens/s of generate at batch 32; single-stream ITL within 1.2x of generate at batch 1).
 
 GenAI-Perf's own artifacts and the server log stay in --artifact-dir. Ctrl-C stops the run,
-GenAI-Perf and the server cleanly; nothing is written then.
+GenAI-Perf and the server cleanly; nothing is written then. A step that fails ends the run
+with status 1, but the reports keep what the steps before it measured, and say so.
 """
 
 from __future__ import annotations
@@ -838,9 +839,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     s, m = report["settings"], report["machine"]
     rows = compare(report.get("serving"), report.get("generate"), report.get("engine_alone"))
     title = "# Engine benchmark" + (" (quick smoke run)" if s.get("quick") else "")
-    lines = [
-        title,
-        "",
+    lines = [title, ""]
+    if report.get("error"):
+        lines += [f"**This run stopped early** ({report['error']}): what follows is what it "
+                  "measured before that.", ""]
+    lines += [
         f"`llm` served by tritonserver (engine with in-flight batching), measured with GenAI-Perf "
         f"0.0.16 (streaming, {s['input_tokens']} input tokens, exactly {s['output_tokens']} "
         f"output tokens, concurrency N), against transformers `generate()` on the same weights "
@@ -1097,6 +1100,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{machine.get('load_average_at_start')}")
     serving = generate = alone = None
     failed = False
+    error = None
     try:
         if not args.skip_serving:
             serving = bench_serving(args, artifact_dir)
@@ -1112,10 +1116,15 @@ def main(argv: list[str] | None = None) -> int:
                 for n in args.concurrency})
     except KeyboardInterrupt:
         return interrupted()
-    except (BenchError, RuntimeError, TimeoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:  # the steps done before it keep their numbers
+        error = f"{type(exc).__name__}: {exc}"
+        print(f"error: {error}", file=sys.stderr)
+        failed = True
+        if serving is None and generate is None:
+            return 1
     report = build_report(serving, generate, machine, settings, alone)
+    if error:
+        report["error"] = error
     json_path, md_path = write_reports(report, out_dir)
     log(f"wrote {display_path(json_path)} and {display_path(md_path)}")
     print()

@@ -298,3 +298,28 @@ def test_each_serving_run_draws_its_own_prompts(tmp_path: Path, monkeypatch):
         run = bench._serving_run(args, "localhost:1", c, tmp_path / f"c{c}", results, None)
         assert run["error"] == "not run"
     assert len(set(seeds)) == 3 and len(results["commands"]) == 3
+
+
+def test_a_late_failure_keeps_the_earlier_steps_numbers(tmp_path: Path, monkeypatch):
+    """The engine-alone step comes last, after ~15 minutes of serving and generate() runs: if
+    it raises, the report still holds those, says the run stopped early, and exits 1. The
+    steps themselves are replaced here (they are the benchmark's and the integration tests');
+    the subject is what main() keeps."""
+    serving = {"runs": [{"concurrency": 1, **bench.parse_genai_perf_export(
+        fake_export(12.0, (250.0, 300.0), (100.0, 120.0)))}]}
+    monkeypatch.setattr(bench, "bench_serving", lambda args, artifact_dir: serving)
+    monkeypatch.setattr(bench, "bench_generate", lambda *args: {
+        "runs": [bench.generate_stats(1, [6.4], [0.2])]})
+
+    def alone_fails(*args):
+        raise ImportError("cannot import name 'gemm_tile'")
+
+    monkeypatch.setattr(bench, "bench_engine_alone", alone_fails)
+    out = tmp_path / "out"
+    assert bench.main(["--concurrency", "1", "--out-dir", str(out),
+                       "--artifact-dir", str(tmp_path / "art")]) == 1
+    report = json.loads((out / "engine.json").read_text())
+    assert report["error"] == "ImportError: cannot import name 'gemm_tile'"
+    md = (out / "engine.md").read_text()
+    assert "**This run stopped early** (ImportError: cannot import name 'gemm_tile')" in md
+    assert "| 1 | 12.0 | 10.0 | 1.20 |" in md
