@@ -148,10 +148,11 @@ void CheckIndex(const torch::Tensor& t, const char* name) {
 // The model's linear layers multiply through here, with each weight packed once at load.
 //
 // Why not oneDNN (the plain path's GEMM, with its weights also packed ahead of time): at a
-// decode step's 32 rows oneDNN reached 85-100 GFLOP/s on these 2 cores, well short of the
-// ~160 of large products, and the step was ~80% matrix multiplies. Measured on a
-// whole SmolLM2 step's GEMMs with cold weights, paired rounds (scripts/bench_cpu_gemm.py):
-// this kernel 1.3-1.4x oneDNN at 1-32 rows, 1.1-1.2x at 64 and at 2,048 (a prefill's rows).
+// decode step's 32 rows oneDNN reached 85-100 GFLOP/s on 2 AVX2 cores, well short of the
+// ~160 of large products, and the step was ~80% matrix multiplies. Measured on a whole
+// SmolLM2 step's GEMMs with cold weights, paired rounds (scripts/bench_cpu_gemm.py): this
+// kernel 1.2-1.4x oneDNN at 1-64 rows on both an AVX2 EPYC and an AVX-512 Xeon; at a
+// prefill's 2,048 rows 1.12x on the EPYC and 0.95x on the Xeon.
 //
 // Layout: W [n, k] becomes panels of kPanel output columns (48 with AVX-512, 24 with AVX2),
 // panel p holding W[kPanel p + j][i] at [p][i][j] (zero past n), so each step of the inner
@@ -394,6 +395,13 @@ torch::Tensor Linear(torch::Tensor x, torch::Tensor packed, int64_t out_features
   return y;
 }
 
+// Softmax of row[0:length) up to its scale: each score becomes e^(score - max) in place;
+// returns 1 / their sum, the scale that makes them probabilities.
+inline float SoftmaxNumerators(float* row, int64_t length) {
+  const float top = *std::max_element(row, row + length);
+  return 1.0f / ExpShiftedSum(row, top, row, length);
+}
+
 // Calls visit(t, token) for the first `length` tokens of a paged cache, `token` pointing at
 // token t's row: a block at a time, with no division per token (one per token was a third
 // of decode attention's time).
@@ -427,8 +435,7 @@ void DecodeGroup(const float* query, int64_t q_head, int64_t group, int64_t leng
                      });
   for (int64_t g = 0; g < group; ++g) {
     float* row = scores + g * length;
-    const float top = *std::max_element(row, row + length);
-    const float inv = 1.0f / ExpShiftedSum(row, top, row, length);
+    const float inv = SoftmaxNumerators(row, length);
     float* acc = out + g * dim;
 #ifdef __AVX2__
     if constexpr (kDim > 0 && kDim % 8 == 0 && kDim <= 128) {
@@ -486,11 +493,7 @@ void DecodeGroupFixed(const float* query, int64_t q_head, int64_t group, int64_t
                        }
                      });
   float inv[kGroup];
-  for (int g = 0; g < kGroup; ++g) {
-    float* row = scores + g * length;
-    const float top = *std::max_element(row, row + length);
-    inv[g] = 1.0f / ExpShiftedSum(row, top, row, length);
-  }
+  for (int g = 0; g < kGroup; ++g) inv[g] = SoftmaxNumerators(scores + g * length, length);
   __m512 sum[kGroup][kVectors];
   for (int g = 0; g < kGroup; ++g)
     for (int v = 0; v < kVectors; ++v) sum[g][v] = _mm512_setzero_ps();
