@@ -100,6 +100,11 @@ kernel_flags() {
 }
 
 if [[ "${1:-}" == "cpu-kernels-variant" ]]; then
+  if (($# < 3)) || [[ ! -d "$2" || ! "$3" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]]; then
+    echo "usage: $0 cpu-kernels-variant DIR NAME [g++ flags...]" >&2
+    echo "  DIR: an existing folder; NAME: a Python module name (letters, digits, _)" >&2
+    exit 2
+  fi
   dir="$2" name="$3"
   shift 3
   # shellcheck disable=SC2046  # kernel_flags prints words
