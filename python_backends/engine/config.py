@@ -37,6 +37,11 @@ class EngineConfig:
     # CPU, float32: the C++ fused kernels (cpu_kernels) where `make setup` built them; off:
     # plain PyTorch ops (the reference path).
     native_cpu_kernels: bool = True
+    # CPU with AMX, with the C++ kernels: multiply the weights that are exactly
+    # block-quantized (a GGUF Q4_1/Q8_0 checkpoint dequantized to float32, as SmolLM2's is)
+    # on AMX tiles, as accurately as float32 (engine/block_quant.py). Off by default until it
+    # beats the float32 GEMM end to end (docs/benchmarks/engine.md).
+    blockq_gemm: bool = False
     # Served: hand each step's outputs to a sender thread, so that building and sending
     # responses (detokenizing, for `llm`) overlaps the next step instead of delaying it.
     # Off: on one H100 through `llm` (c=64) it did not raise tok/s beyond the noise and

@@ -8,7 +8,9 @@ PyTorch's SDPA (its flash kernel does long prompts better than a simple loop wou
 the chunks of a step batched by shape.
 
 The extension also has the fused path's GEMM, `pack_linear_weight` and `linear`, which
-`llama.Linear` multiplies through (CUDA's path uses cuBLAS for that).
+`llama.Linear` multiplies through (CUDA's path uses cuBLAS for that), and, where the build
+and the processor have AMX, `blockq_linear` for exactly block-quantized weights
+(`block_quant`).
 
 Where the extension is not built (no compiler at setup), `available()` is False and the
 model keeps its plain PyTorch path, which computes the same function.
@@ -43,6 +45,8 @@ if _native is not None:
     linear = _native.linear
     panel_width = _native.panel_width
     gemm_tile = _native.gemm_tile
+    blockq_available = _native.blockq_available
+    blockq_linear = _native.blockq_linear
 
 
 def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

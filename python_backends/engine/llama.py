@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from python_backends.engine import cpu_kernels
+from python_backends.engine import block_quant, cpu_kernels
 
 # Row count oneDNN lays a packed weight out for. Any count runs with it; 32-128 rows measured
 # alike and fastest, from single-sequence decode up to 2,048-row prefills.
@@ -39,9 +39,10 @@ class CpuGemm(NamedTuple):
     """A CPU matrix multiply for `Linear`, whose weights it lays out once ahead of time."""
 
     name: str
-    pack: Callable[[torch.Tensor], torch.Tensor]  # weight [out, in] -> packed weight
+    # weight [out, in] -> packed weight, or None where this GEMM cannot take the weight
+    pack: Callable[[torch.Tensor], object]
     # (x [rows, in], packed weight, out features) -> x @ weight.T [rows, out]
-    multiply: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+    multiply: Callable[[torch.Tensor, object, int], torch.Tensor]
 
 
 def _onednn_gemm() -> CpuGemm | None:
@@ -65,6 +66,33 @@ ONEDNN_GEMM = _onednn_gemm()
 NATIVE_GEMM = (CpuGemm("cpu_kernels", cpu_kernels.pack_linear_weight, cpu_kernels.linear)
                if cpu_kernels.available() else None)
 
+# Below this many rows the block GEMM's fixed costs (splitting x, a tile per 16 rows however
+# few are used) outweigh what AMX saves; those products go to the float32 GEMM.
+BLOCKQ_MIN_ROWS = 16
+
+
+def _blockq_gemm(plain: CpuGemm) -> CpuGemm:
+    """The AMX GEMM for exactly block-quantized weights (`block_quant`), with `plain` for
+    other weights' layers (pack returns None) and for products of few rows (it keeps
+    `plain`'s packed copy of each weight too)."""
+
+    def pack(weight: torch.Tensor) -> tuple[block_quant.PackedBlocks, object] | None:
+        form = block_quant.find_blocks(weight)
+        return None if form is None else (block_quant.pack(form), plain.pack(weight))
+
+    def multiply(x: torch.Tensor, packed: tuple[block_quant.PackedBlocks, object],
+                 out_features: int) -> torch.Tensor:
+        blocks, plain_packed = packed
+        if x.shape[0] < BLOCKQ_MIN_ROWS:
+            return plain.multiply(x, plain_packed, out_features)
+        return cpu_kernels.blockq_linear(x, blocks.tiles, blocks.scales)
+
+    return CpuGemm(f"{plain.name} + AMX blocks", pack, multiply)
+
+
+BLOCKQ_GEMM = (_blockq_gemm(NATIVE_GEMM)
+               if NATIVE_GEMM is not None and cpu_kernels.blockq_available() else None)
+
 
 class Linear(nn.Linear):
     """nn.Linear that, once packed for the CPU, multiplies through a `CpuGemm` with its
@@ -77,7 +105,7 @@ class Linear(nn.Linear):
     weights stay fp32, so outputs match F.linear's to rounding.
     """
 
-    packed_weight: torch.Tensor | None = None
+    packed_weight: object = None  # what `gemm.pack` made of the weight
     gemm: CpuGemm | None = None
 
     def pack_for_cpu(self, gemm: CpuGemm | None, keep_weight: bool = False) -> bool:
@@ -87,7 +115,10 @@ class Linear(nn.Linear):
         if (gemm is None or self.bias is not None or weight.device.type != "cpu"
                 or weight.dtype != torch.float32):
             return False
-        self.packed_weight = gemm.pack(weight.detach())
+        packed = gemm.pack(weight.detach())
+        if packed is None:
+            return False
+        self.packed_weight = packed
         self.gemm = gemm
         if not keep_weight:
             # Inference only from here on. A meta tensor keeps the shape readable and makes
@@ -387,19 +418,24 @@ class LlamaForCausalLM(nn.Module):
         last = self.norm(hidden[meta.logits_rows])
         return self.lm_head(last).float()
 
-    def pack_for_cpu(self, gemm: CpuGemm | None) -> None:
-        """Pack every linear layer's weight for `gemm` (see `Linear`). CPU fp32 only; a tied
-        vocabulary projection packs a copy, as the embedding still reads the plain weight."""
+    def pack_for_cpu(self, gemm: CpuGemm | None, fallback: CpuGemm | None = None) -> None:
+        """Pack every linear layer's weight for `gemm` (see `Linear`), or for `fallback`
+        where `gemm` cannot take it. CPU fp32 only; a tied vocabulary projection packs a copy,
+        as the embedding still reads the plain weight."""
         tied = self.config.tie_word_embeddings
         for module in self.modules():
             if isinstance(module, Linear):
-                module.pack_for_cpu(gemm, keep_weight=tied and module is self.lm_head)
+                keep = tied and module is self.lm_head
+                if not module.pack_for_cpu(gemm, keep_weight=keep):
+                    module.pack_for_cpu(fallback, keep_weight=keep)
 
     @property
     def cpu_gemm(self) -> str | None:
-        """The name of the CPU GEMM the linear layers multiply through, or None (F.linear)."""
-        gemm = self.lm_head.gemm
-        return None if gemm is None else gemm.name
+        """The names of the CPU GEMMs the linear layers multiply through ("a; b" where they
+        differ), or None (F.linear)."""
+        names = sorted({m.gemm.name for m in self.modules()
+                        if isinstance(m, Linear) and m.gemm is not None})
+        return "; ".join(names) or None
 
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [max_positions, head_dim // 2] (float32) for the fused RoPE kernel,
@@ -476,9 +512,11 @@ class LlamaForCausalLM(nn.Module):
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
-               native_cpu_kernels: bool = True) -> LlamaForCausalLM:
+               native_cpu_kernels: bool = True, blockq_gemm: bool = False) -> LlamaForCausalLM:
     """The model, on `device` in `dtype`, with its fused kernels where the device has them:
-    Triton on CUDA; the C++ CPU kernels in float32 when `native_cpu_kernels` and built."""
+    Triton on CUDA; the C++ CPU kernels in float32 when `native_cpu_kernels` and built, and
+    with `blockq_gemm` the AMX GEMM for the weights that are exactly block-quantized, where
+    the processor has AMX."""
     from safetensors.torch import load_file
 
     config = LlamaConfig.from_model_dir(model_dir)
@@ -505,7 +543,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
     elif device.type == "cpu" and dtype == torch.float32:
         if native_cpu_kernels and cpu_kernels.available():
             model.kernels = cpu_kernels
-            model.pack_for_cpu(NATIVE_GEMM)
+            if blockq_gemm and BLOCKQ_GEMM is not None:
+                model.pack_for_cpu(BLOCKQ_GEMM, fallback=NATIVE_GEMM)
+            else:
+                model.pack_for_cpu(NATIVE_GEMM)
         else:
             model.pack_for_cpu(ONEDNN_GEMM)
     return model

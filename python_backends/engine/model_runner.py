@@ -71,7 +71,8 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         self.model_config = LlamaConfig.from_model_dir(config.model_dir)
         self.model = load_model(config.model_dir, self.dtype, self.device,
-                                native_cpu_kernels=config.native_cpu_kernels)
+                                native_cpu_kernels=config.native_cpu_kernels,
+                                blockq_gemm=config.blockq_gemm)
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
         shape = (
@@ -112,7 +113,7 @@ class ModelRunner:
     def kernels_description(self) -> str:
         gemm = self.model.cpu_gemm
         gemms = f", GEMMs: {gemm}" if gemm else ""
-        if gemm == "cpu_kernels":
+        if gemm and "cpu_kernels" in gemm:
             from python_backends.engine import cpu_kernels
 
             gemms += f" ({cpu_kernels.gemm_tile()} tile)"

@@ -30,6 +30,8 @@
 #include <string>
 #include <vector>
 
+#include "blockq_gemm.h"
+
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -744,4 +746,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return std::to_string(kTileRows) + "x" + std::to_string(kPanel) + " " + kGemmIsa;
   }, "The GEMM's register tile (rows x columns) and instruction set, e.g. '8x48 AVX-512'");
   m.def("linear", &Linear, py::arg("x"), py::arg("packed"), py::arg("out_features"), no_gil);
+  m.def("blockq_available", &blockq::Available,
+        "Whether the block-quantized AMX GEMM is built and the kernel grants AMX");
+  m.def("blockq_linear", &blockq::Linear, py::arg("x"), py::arg("tiles"), py::arg("scales"),
+        no_gil);
 }
