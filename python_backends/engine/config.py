@@ -39,9 +39,10 @@ class EngineConfig:
     native_cpu_kernels: bool = True
     # CPU with AMX, with the C++ kernels: multiply the weights that are exactly
     # block-quantized (a GGUF Q4_1/Q8_0 checkpoint dequantized to float32, as SmolLM2's is)
-    # on AMX tiles, as accurately as float32 (engine/block_quant.py). Off by default until it
-    # beats the float32 GEMM end to end (docs/benchmarks/engine.md).
-    blockq_gemm: bool = False
+    # on AMX tiles, as accurately as float32 (engine/block_quant.py), in products of 16 rows
+    # or more. Served at c=32 1.16-1.19x the float32 GEMM's tokens/s; costs ~3 s of loading
+    # and 2 bytes a weight more memory. Without AMX, or for other weights: no effect.
+    blockq_gemm: bool = True
     # Served: hand each step's outputs to a sender thread, so that building and sending
     # responses (detokenizing, for `llm`) overlaps the next step instead of delaying it.
     # Off: on one H100 through `llm` (c=64) it did not raise tok/s beyond the noise and

@@ -15,10 +15,12 @@
 // of summation (measured: half the float32 GEMM's error against float64). The weights take 2
 // bytes each (q as bfloat16) instead of 4.
 //
-// Where it stands: 1.1-1.4x the float32 GEMM from 16 rows up, far from AMX's peak. A tile
-// product takes ~6 ns, but the loop spends ~30 ns a product: tile loads and stores that are
-// not in L1 stall the in-order tile unit (a loop over L1-resident tiles runs at the products'
-// rate). Blocking for L1 is the next step.
+// Where it stands: 1.1-1.5x the float32 GEMM from 16 rows up (a decode step's GEMMs, cold
+// weights: 32 against 46 ms at 32 rows), far from AMX's peak. Back-to-back tile products take
+// ~6 ns each, but this loop spends ~30 ns a product, and a loop of the same loads, products
+// and stores over an 80 KB working set ~17 ns: tile loads and stores, which the tile unit
+// waits for in order, cost more than the products. Variants that load x once for four columns
+// (slabs of weights kept in L1) or prefetch further ahead or into L2 measured no faster.
 //
 // Layout, made by `block_quant.pack` (Python): for the 16 output columns of tile t and the 32
 // inputs of block b, `tiles[t][b]` is AMX's VNNI layout of q (512 bfloat16: row r holds inputs
