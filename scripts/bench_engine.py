@@ -364,6 +364,16 @@ def engine_info(url: str) -> dict[str, Any]:
     return info
 
 
+def engine_kernels(server_log: str) -> str | None:
+    """What the served engine computes with, from the model's ready line in the server log
+    (device, dtype, kernels, GEMMs: which of them a machine gets depends on its processor)."""
+    for line in server_log.splitlines():
+        _, found, rest = line.partition("engine in process: ")
+        if found:
+            return rest.split("; settings", 1)[0].strip().strip('"')
+    return None
+
+
 def wait_model_ready(url: str, timeout_s: float = 30.0) -> None:
     import tritonclient.grpc as grpcclient
 
@@ -402,6 +412,8 @@ def bench_serving(args: argparse.Namespace, artifact_dir: Path) -> dict[str, Any
             url = f"localhost:{server.grpc_port}"
             log(f"serving: ready in {time.monotonic() - started:.1f} s at {url}")
             results["server_log"] = display_path(log_path)
+            with contextlib.suppress(OSError):
+                results["engine_kernels"] = engine_kernels(log_path.read_text(errors="replace"))
         results["url"] = url
         results.update(engine_info(url))
         if args.warmup_requests:
@@ -848,7 +860,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"0.0.16 (streaming, {s['input_tokens']} input tokens, exactly {s['output_tokens']} "
         f"output tokens, concurrency N), against transformers `generate()` on the same weights "
         f"(fp32, greedy, static batch of N). Machine: {m.get('nproc')} cores, "
-        f"{m.get('cpu_model', 'unknown CPU')}, torch {m.get('torch', '?')}, {m.get('date')}.",
+        f"{m.get('cpu_model', 'unknown CPU')}, torch {m.get('torch', '?')}, {m.get('date')}."
+        + (f" Engine: {kernels}." if (kernels := (report.get("serving") or {}).get(
+            "engine_kernels")) else ""),
         "",
         "| N | engine tok/s | generate tok/s | ratio (engine/generate) | engine TTFT p50/p99 ms "
         "| generate TTFT p50/p99 ms | engine ITL p50/p99 ms | generate ITL p50/p99 ms "

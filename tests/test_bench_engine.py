@@ -323,3 +323,16 @@ def test_a_late_failure_keeps_the_earlier_steps_numbers(tmp_path: Path, monkeypa
     md = (out / "engine.md").read_text()
     assert "**This run stopped early** (ImportError: cannot import name 'gemm_tile')" in md
     assert "| 1 | 12.0 | 10.0 | 1.20 |" in md
+
+
+def test_the_report_names_the_engines_kernels_from_its_ready_line(tmp_path: Path):
+    log = ('I1126 llm] "llm ready, engine in process: cpu float32, fused kernels: cpu_kernels, '
+           'GEMMs: cpu_kernels + AMX blocks (8x48 AVX-512 tile), 1456 KV blocks of 16 tokens; '
+           'settings {\\"model_dir\\": \\"x\\"}"\n')
+    kernels = bench.engine_kernels("other line\n" + log)
+    assert kernels == ("cpu float32, fused kernels: cpu_kernels, GEMMs: cpu_kernels + AMX "
+                       "blocks (8x48 AVX-512 tile), 1456 KV blocks of 16 tokens")
+    assert bench.engine_kernels("no ready line\n") is None
+    report = bench.build_report({"runs": [], "engine_kernels": kernels}, None,
+                                bench.machine_facts(), {"input_tokens": 64, "output_tokens": 64})
+    assert f"Engine: {kernels}." in bench.render_markdown(report)
