@@ -44,6 +44,14 @@ def test_the_block_form_is_found_and_reproduces_the_weight_bit_for_bit(kind):
     assert torch.equal(form.q, form.q.round()) and form.q.abs().max() <= 127
 
 
+def test_rows_are_searched_in_chunks_with_the_same_result():
+    weight = _quantized("q4_1", n=96)
+    whole, chunked = block_quant.find_blocks(weight), block_quant.find_blocks(weight, 32)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
+    weight[80, 5] = torch.nextafter(weight[80, 5], torch.tensor(1.0))  # in the last chunk
+    assert block_quant.find_blocks(weight, 32) is None
+
+
 def test_the_checkpoints_weights_are_block_quantized(model_dir):
     state = load_file(f"{model_dir}/model.safetensors")
     assert block_quant.find_blocks(state["model.layers.0.mlp.down_proj.weight"]) is not None

@@ -22,7 +22,7 @@ TILE = 16  # output columns per AMX tile
 class BlockForm(NamedTuple):
     """weight[n, b * 32 + i] == fl(d[n, b] * q[n, b * 32 + i] + m[n, b]), exactly."""
 
-    q: torch.Tensor  # [n, k] float32 holding small integers
+    q: torch.Tensor  # [n, k] bfloat16 holding small integers (exactly)
     d: torch.Tensor  # [n, k / 32] float32 (float16 values)
     m: torch.Tensor  # [n, k / 32] float32
 
@@ -42,15 +42,27 @@ def _float16_neighbours(values: torch.Tensor) -> list[torch.Tensor]:
     return [nearest.float()] + [(bits + step).view(torch.float16).float() for step in (1, -1)]
 
 
-def find_blocks(weight: torch.Tensor) -> BlockForm | None:
+def find_blocks(weight: torch.Tensor, rows_per_chunk: int = 2048) -> BlockForm | None:
     """The weight's exact block form, or None where some block has none (or the shape does
-    not tile: k a multiple of 32, n of 16)."""
+    not tile: k a multiple of 32, n of 16). Works through `rows_per_chunk` rows at a time, so
+    its temporaries stay small next to the weight (a 49,152-row vocabulary included)."""
     if weight.dim() != 2 or weight.dtype != torch.float32:
         return None
     n, k = weight.shape
     if n % TILE or k % BLOCK or n == 0:
         return None
-    blocks = weight.detach().reshape(n, k // BLOCK, BLOCK)
+    forms = []
+    for start in range(0, n, rows_per_chunk):
+        form = _find_blocks_of_rows(weight[start:start + rows_per_chunk].detach())
+        if form is None:
+            return None
+        forms.append(form)
+    return BlockForm(*(torch.cat(parts) for parts in zip(*forms, strict=True)))
+
+
+def _find_blocks_of_rows(weight: torch.Tensor) -> BlockForm | None:
+    n, k = weight.shape
+    blocks = weight.reshape(n, k // BLOCK, BLOCK)
     low = blocks.amin(-1, keepdim=True)
     high = blocks.amax(-1, keepdim=True)
     largest = blocks.abs().amax(-1, keepdim=True)
@@ -70,7 +82,8 @@ def find_blocks(weight: torch.Tensor) -> BlockForm | None:
         m_found = torch.where(exact, m, m_found)
         found |= exact
         if bool(found.all()):
-            return BlockForm(q_found.reshape(n, k), d_found.reshape(n, -1),
+            # bfloat16 holds q exactly (|q| <= 127) in half the memory.
+            return BlockForm(q_found.reshape(n, k).to(torch.bfloat16), d_found.reshape(n, -1),
                              m_found.reshape(n, -1))
     return None
 
@@ -83,7 +96,7 @@ def pack(form: BlockForm) -> PackedBlocks:
     tiles = (form.q.reshape(tiles_n, TILE, blocks, BLOCK // 2, 2)
              .permute(0, 2, 3, 1, 4)
              .reshape(tiles_n, blocks, BLOCK * TILE)
-             .to(torch.bfloat16))  # exact: |q| <= 256
+             .to(torch.bfloat16))  # a no-op for find_blocks' q; exact for |q| <= 256
     scales = torch.stack([form.d.reshape(tiles_n, TILE, blocks).transpose(1, 2),
                           form.m.reshape(tiles_n, TILE, blocks).transpose(1, 2)], dim=2)
     return PackedBlocks(tiles.contiguous(), scales.reshape(tiles_n, blocks, 2 * TILE).contiguous())
