@@ -39,10 +39,9 @@ class EngineConfig:
     native_cpu_kernels: bool = True
     # CPU with AMX, with the C++ kernels: multiply the weights that are exactly
     # block-quantized (a GGUF Q4_1/Q8_0 checkpoint dequantized to float32, as SmolLM2's is)
-    # on AMX tiles, as accurately as float32 (engine/block_quant.py), in products of 16 rows
-    # or more. Served at c=32 1.17x the float32 GEMM's tokens/s (median of 5 pairs); SmolLM2
-    # loads in 3.2 s instead of 1.8 and holds 1.26 GB instead of 0.92 (the float32 packed
-    # weights stay, for products of fewer rows). Without AMX, or for other weights: no effect.
+    # on AMX tiles, as accurately as float32 (engine/block_quant.py), weights in 2 bytes each.
+    # Served at c=32 1.17x the float32 GEMM's tokens/s (median of 5 pairs). Without AMX, or
+    # for other weights: no effect.
     blockq_gemm: bool = True
     # Served: hand each step's outputs to a sender thread, so that building and sending
     # responses (detokenizing, for `llm`) overlaps the next step instead of delaying it.
