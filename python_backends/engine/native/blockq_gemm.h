@@ -15,12 +15,15 @@
 // of summation (measured: half the float32 GEMM's error against float64). The weights take 2
 // bytes each (q as bfloat16) instead of 4.
 //
-// Where it stands: 1.1-1.5x the float32 GEMM from 16 rows up (a decode step's GEMMs, cold
-// weights: 32 against 46 ms at 32 rows), far from AMX's peak. Back-to-back tile products take
-// ~6 ns each, but this loop spends ~30 ns a product, and a loop of the same loads, products
-// and stores over an 80 KB working set ~17 ns: tile loads and stores, which the tile unit
-// waits for in order, cost more than the products. Variants that load x once for four columns
-// (slabs of weights kept in L1) or prefetch further ahead or into L2 measured no faster.
+// Where it stands: the faster GEMM at every row count when the weights come from memory, as
+// in a decode step (SmolLM2's step: 17.7 against 20.6 ms at 1 row, 32 against 46 ms at 32),
+// and 0.9-1.25x the float32 GEMM at a prefill's 2,048 rows; far from AMX's peak.
+// Back-to-back tile products take 8-17 ns each, but a tile load ~30 ns, even from L1, and the
+// tile unit waits for each load before the product that reads it (two independent
+// load-then-product pairs: 41 ns a product). This loop does 5 loads per 6 products. Variants
+// that pipelined the blocks, prefetched further ahead or into L2, loaded x once for four
+// columns (slabs of weights kept in L1), or held x's parts while sweeping the columns (adding
+// into y per block) measured no faster (docs/benchmarks/engine.md).
 //
 // Layout, made by `block_quant.pack` (Python): for the 16 output columns of tile t and the 32
 // inputs of block b, `tiles[t][b]` is AMX's VNNI layout of q (512 bfloat16: row r holds inputs
