@@ -68,9 +68,10 @@ build() {
   while [[ "$1" != "--" ]]; do packages+=("$1"); shift; done
   shift
   local target="${module//.//}$SUFFIX" stamp="$STAMPS/native-${module##*.}"
-  # Rebuilt when the source (or a header beside it), this script, the Python ABI, torch or the processor (the
-  # kernels use -march=native) changed.
+  # Rebuilt when the source (or a header beside it), this script, the Python ABI, torch or
+  # the processor (the kernels use -march=native) changed.
   local want
+  # shellcheck disable=SC2046  # the headers' paths have no spaces
   want="$({ cat "$source" $(find "$(dirname "$source")" -maxdepth 1 -name '*.h' | sort) "$0"; grep -E '^(model name|flags)' /proc/cpuinfo 2>/dev/null | sort -u; } | sha1sum | cut -d' ' -f1)"
   want+=" $SUFFIX $TORCH_VERSION"
   if [[ -f "$target" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then

@@ -538,10 +538,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
     elif device.type == "cpu" and dtype == torch.float32:
         if native_cpu_kernels and cpu_kernels.available():
             model.kernels = cpu_kernels
-            if blockq_gemm and BLOCKQ_GEMM is not None:
-                model.pack_for_cpu(BLOCKQ_GEMM, fallback=NATIVE_GEMM)
-            else:
-                model.pack_for_cpu(NATIVE_GEMM)
+            model.pack_for_cpu(BLOCKQ_GEMM if blockq_gemm else None, fallback=NATIVE_GEMM)
         else:
             model.pack_for_cpu(ONEDNN_GEMM)
     return model

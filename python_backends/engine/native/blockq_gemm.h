@@ -195,11 +195,11 @@ inline torch::Tensor Linear(torch::Tensor x, torch::Tensor tiles, torch::Tensor 
               "x must be a float32 CPU matrix");
   TORCH_CHECK(tiles.dtype() == torch::kBFloat16 && tiles.dim() == 3 &&
                   tiles.size(2) == kBlock * kTile && tiles.is_contiguous(),
-              "tiles must come from BlockQuantizedGemm.pack");
+              "tiles must come from block_quant.pack");
   TORCH_CHECK(scales.dtype() == torch::kFloat32 && scales.dim() == 3 &&
                   scales.size(0) == tiles.size(0) && scales.size(1) == tiles.size(1) &&
                   scales.size(2) == 2 * kTile && scales.is_contiguous(),
-              "scales must come from BlockQuantizedGemm.pack");
+              "scales must come from block_quant.pack");
   const int64_t k = tiles.size(1) * kBlock, n = tiles.size(0) * kTile;
   TORCH_CHECK(x.size(1) == k, "x must be [rows, ", k, "], got ", x.sizes());
   x = x.contiguous();
@@ -208,7 +208,9 @@ inline torch::Tensor Linear(torch::Tensor x, torch::Tensor tiles, torch::Tensor 
 #ifdef CPU_KERNELS_BLOCKQ_AMX
   if (rows == 0) return y;
   const int64_t padded = (rows + kTile - 1) / kTile * kTile, blocks = k / kBlock;
-  auto parts = torch::empty({kParts, padded, k}, x.options().dtype(torch::kBFloat16));
+  // Per row tile, per block, x's three parts as tiles (see SplitRow).
+  auto parts = torch::empty({padded / kTile, blocks, kParts, kTileElements},
+                            x.options().dtype(torch::kBFloat16));
   auto sums = torch::empty({padded, blocks}, x.options());
   uint16_t* part_data = reinterpret_cast<uint16_t*>(parts.data_ptr());
   float* sum_data = sums.data_ptr<float>();
@@ -224,7 +226,7 @@ inline torch::Tensor Linear(torch::Tensor x, torch::Tensor tiles, torch::Tensor 
   const float* scale_data = scales.data_ptr<float>();
   float* ys = y.data_ptr<float>();
   const int64_t column_tiles = n / kTile, pairs = (column_tiles + 1) / 2;
-  const int64_t tile_stride = blocks * kBlock * kTile, scale_stride = blocks * 2 * kTile;
+  const int64_t tile_stride = blocks * kTileElements, scale_stride = blocks * 2 * kTile;
   for (int64_t chunk = 0; chunk < padded; chunk += kRowChunk) {
     const int64_t chunk_end = std::min(padded, chunk + kRowChunk);
     at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
