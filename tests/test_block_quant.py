@@ -105,6 +105,24 @@ def test_the_amx_product_is_as_accurate_as_float32(kind, rows):
 
 
 @needs_amx
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_amx_product_is_the_same_at_any_thread_count(threads):
+    """Column pairs go to whichever thread asks first (parallel.h); each pair's result is one
+    thread's alone, so the bits do not depend on the split."""
+    tiles, scales = block_quant.pack(block_quant.find_blocks(_quantized("q4_1", n=400, k=192)))
+    x = torch.randn(40, 192, generator=torch.Generator().manual_seed(1))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        expected = cpu_kernels.blockq_linear(x, tiles, scales)
+        torch.set_num_threads(threads)
+        got = cpu_kernels.blockq_linear(x, tiles, scales)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, expected)
+
+
+@needs_amx
 def test_the_amx_product_rejects_what_pack_did_not_make():
     tiles, scales = block_quant.pack(block_quant.find_blocks(_quantized("q4_1")))
     with pytest.raises(RuntimeError, match="x must be"):

@@ -189,6 +189,35 @@ def test_linear_matches_matmul(rows, out_features, in_features):
 
 
 @built
+@pytest.mark.parametrize("threads", [1, 3, 5])
+def test_work_dealt_out_in_chunks_gives_the_same_bits_at_any_thread_count(threads):
+    """The GEMMs and decode attention deal their items out from a shared counter (parallel.h),
+    so which thread computes an item varies from run to run: an item's result must not."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(960, 576), torch.randn(32, 576)
+    packed = cpu_kernels.pack_linear_weight(weight)
+    k_cache, v_cache = torch.randn(64, 16, 3, 64), torch.randn(64, 16, 3, 64)
+    q = torch.randn(9, 9, 64)
+    lens = torch.tensor([1, 300, 17, 0, 100, 255, 2, 40, 160], dtype=torch.int32)
+    tables = torch.stack([torch.randperm(64)[:20] for _ in range(9)]).to(torch.int32)
+
+    def compute():
+        return (cpu_kernels.linear(x, packed, 960),
+                cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.3))
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        expected = compute()
+        torch.set_num_threads(threads)
+        got = compute()
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+
+
+@built
 def test_linear_rejects_what_it_cannot_multiply():
     packed = cpu_kernels.pack_linear_weight(torch.randn(50, 8))
     with pytest.raises(RuntimeError, match=r"x must be \[rows, 8\]"):

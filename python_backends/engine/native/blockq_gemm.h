@@ -36,6 +36,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "parallel.h"
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define CPU_KERNELS_BLOCKQ_AMX 1
 #include <immintrin.h>
@@ -229,24 +231,27 @@ inline torch::Tensor Linear(torch::Tensor x, torch::Tensor tiles, torch::Tensor 
   const int64_t tile_stride = blocks * kTileElements, scale_stride = blocks * 2 * kTile;
   for (int64_t chunk = 0; chunk < padded; chunk += kRowChunk) {
     const int64_t chunk_end = std::min(padded, chunk + kRowChunk);
-    at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    // Column pairs dealt out in chunks (parallel.h), each thread's tiles configured once.
+    parallel::OnEachThread(pairs, parallel::ChunkSize(pairs, 4), [&](parallel::Chunks& chunks) {
       ConfigureTiles();
       std::vector<float> buffer(2 * blocks * kTile * kTile + 16);  // + a line, to align
       float* products0 = reinterpret_cast<float*>(
           (reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
       float* products1 = products0 + blocks * kTile * kTile;
-      for (int64_t pair = begin; pair < end; ++pair) {
-        const int64_t t0 = 2 * pair, t1 = std::min(t0 + 1, column_tiles - 1);
-        for (int64_t row0 = chunk; row0 < chunk_end; row0 += kTile) {
-          TileProducts(part_data + row0 * kParts * k, tile_data + t0 * tile_stride,
-                       tile_data + t1 * tile_stride, blocks, row0 == chunk, products0,
-                       products1);
-          const float* row_sums = sum_data + row0 * blocks;
-          ScaleAndSum(products0, scale_data + t0 * scale_stride, row_sums, blocks,
-                      rows - row0, ys + row0 * n + t0 * kTile, n);
-          if (t1 != t0) {
-            ScaleAndSum(products1, scale_data + t1 * scale_stride, row_sums, blocks,
-                        rows - row0, ys + row0 * n + t1 * kTile, n);
+      for (int64_t first = 0, last = 0; chunks.Next(first, last);) {
+        for (int64_t pair = first; pair < last; ++pair) {
+          const int64_t t0 = 2 * pair, t1 = std::min(t0 + 1, column_tiles - 1);
+          for (int64_t row0 = chunk; row0 < chunk_end; row0 += kTile) {
+            TileProducts(part_data + row0 * kParts * k, tile_data + t0 * tile_stride,
+                         tile_data + t1 * tile_stride, blocks, row0 == chunk, products0,
+                         products1);
+            const float* row_sums = sum_data + row0 * blocks;
+            ScaleAndSum(products0, scale_data + t0 * scale_stride, row_sums, blocks,
+                        rows - row0, ys + row0 * n + t0 * kTile, n);
+            if (t1 != t0) {
+              ScaleAndSum(products1, scale_data + t1 * scale_stride, row_sums, blocks,
+                          rows - row0, ys + row0 * n + t1 * kTile, n);
+            }
           }
         }
       }

@@ -17,20 +17,21 @@
 // softmax sums) add in another order: both move results by float32 rounding only, as
 // oneDNN's GEMMs already do against MKL's.
 //
-// Threads: at::parallel_for, i.e. PyTorch's own OpenMP pool (torch.set_num_threads), so
-// these kernels never compete with PyTorch's ops (or one another) for cores.
+// Threads: PyTorch's own OpenMP pool (torch.set_num_threads), so these kernels never compete
+// with PyTorch's ops (or one another) for cores; the GEMMs and decode attention deal their
+// work out in chunks (parallel.h), the small elementwise kernels through at::parallel_for.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "blockq_gemm.h"
+#include "parallel.h"
 
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -380,20 +381,10 @@ torch::Tensor Linear(torch::Tensor x, torch::Tensor packed, int64_t out_features
   const float* xs = x.data_ptr<float>();
   const float* ws = packed.data_ptr<float>();
   float* ys = y.data_ptr<float>();
-  // Panels go out in chunks from a shared counter, not in one fixed share per thread:
-  // served, the engine shares its cores with Triton's frontend and the clients, and with
-  // fixed shares a thread that loses its core for a moment holds up the whole product (and
-  // so the step) until it gets it back.
-  const int64_t threads = at::get_num_threads();
-  const int64_t chunk = std::max<int64_t>(kMinChunk, panels / (threads * kChunksPerThread));
-  std::atomic<int64_t> next_panel{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t first = next_panel.fetch_add(chunk); first < panels;
-         first = next_panel.fetch_add(chunk)) {
-      MultiplyPanels(xs, ws, ys, rows, k, n, block_depth, first,
-                     std::min(panels, first + chunk));
-    }
-  });
+  parallel::ForEachChunk(panels, parallel::ChunkSize(panels, kChunksPerThread, kMinChunk),
+                         [&](int64_t first, int64_t last) {
+                           MultiplyPanels(xs, ws, ys, rows, k, n, block_depth, first, last);
+                         });
   return y;
 }
 
@@ -581,10 +572,11 @@ torch::Tensor PagedDecodeAttention(torch::Tensor q, torch::Tensor k_cache,
   const float fscale = static_cast<float>(scale);
   const DecodeKernel kernel = PickDecodeKernel(dim, group);
 
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // One (sequence, kv head) at a time from a shared counter: contexts differ in length.
+  parallel::OnEachThread(batch * kv_heads, 1, [&](parallel::Chunks& items) {
     std::vector<float> scores;
     std::vector<int64_t> blocks;
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = 0, end = 0; items.Next(item, end);) {
       const int64_t seq = item / kv_heads, kv = item % kv_heads;
       const int64_t length = IndexAt(context_lens, seq);
       float* dst = op + (seq * heads + kv * group) * dim;
