@@ -1,5 +1,8 @@
 """The engine against transformers on the real SmolLM2 weights (CPU, no server)."""
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -167,9 +170,6 @@ def test_a_sink_returning_false_ends_its_request_at_once(engine, reference, outp
     """How `llm` stops the engine when a stop string ends the text: its sink says so, the
     slot is freed (at once inline; at the next iteration with the sender thread) and nothing
     more is delivered."""
-    import threading
-    import time
-
     from python_backends.engine.loop import EngineLoop
 
     calls = []
@@ -199,9 +199,6 @@ def test_a_sink_returning_false_ends_its_request_at_once(engine, reference, outp
 def test_sender_thread_delivers_in_order_and_never_polls_an_ended_request(engine, reference):
     """Outputs reach each sink in order with the final one last, from the sender thread; a
     request's is_cancelled is not asked after its sink got the final output."""
-    import threading
-    import time
-
     from python_backends.engine.loop import EngineLoop
 
     got: dict[str, list] = {"a": [], "b": []}
@@ -245,6 +242,32 @@ def test_sender_thread_delivers_in_order_and_never_polls_an_ended_request(engine
     assert times.summary().startswith(f"{times.steps} steps in ")
 
 
+def test_a_sink_that_is_sending_does_not_hold_up_the_loop(engine, reference):
+    """With the sender thread, a cancellation poll skips a request whose sink is running (it
+    asks next time) rather than wait for the send: one slow client must not stall the batch."""
+    from python_backends.engine.loop import EngineLoop
+
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_sink(out):
+        entered.set()
+        release.wait(30)
+
+    loop = EngineLoop(engine, cancel_poll_interval_s=0.0, output_thread=True).start()
+    try:
+        loop.submit("slow", reference[PROMPTS[1]][0],
+                    SamplingParams(max_tokens=12, ignore_eos=True), slow_sink,
+                    is_cancelled=lambda: False)
+        assert entered.wait(60)
+        steps, deadline = loop.times.steps, time.monotonic() + 30
+        while loop.times.steps < steps + 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert loop.times.steps >= steps + 5  # it kept stepping while the sink held the lock
+    finally:
+        release.set()
+        loop.shutdown()
+
+
 def test_loop_times_summary():
     from python_backends.engine.loop import LoopTimes
 
@@ -258,8 +281,6 @@ def test_loop_times_summary():
 def test_build_and_start_builds_the_engine_on_the_thread_that_runs_it(engine, reference):
     """A server's engine is built on the loop thread (one OpenMP team: see
     EngineLoop.build_and_start), then serves as usual."""
-    import threading
-
     from python_backends.engine.loop import EngineLoop
 
     built_on = []

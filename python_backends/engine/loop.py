@@ -245,13 +245,19 @@ class EngineLoop:
         for key, sub in list(self._live.items()):
             if sub.is_cancelled is None:
                 continue
-            with sub.lock:
+            # Busy: the sender thread is handing it an output right now; ask next time
+            # rather than stall the loop (and so every request) behind that send.
+            if not sub.lock.acquire(blocking=False):
+                continue
+            try:
                 if sub.ended:
                     continue
                 try:
                     cancelled = sub.is_cancelled()
                 except Exception:  # a dead client connection reads as cancelled
                     cancelled = True
+            finally:
+                sub.lock.release()
             if cancelled:
                 # Still send the final flag: Triton releases the request only then.
                 self._finish_aborted(key)
