@@ -12,6 +12,7 @@ from typing import Any
 
 from python_backends.engine import EngineConfig, LLMEngine
 from python_backends.engine.loop import EngineLoop
+from python_backends.engine.model_runner import resolve_device
 from python_backends.engine_metrics import EngineMetrics
 from python_backends.paths import default_model_dir
 
@@ -33,8 +34,8 @@ class EngineService:
             parameters["model_dir"] = str(default_model_dir())
         config = EngineConfig.from_parameters(parameters)
         # Built on the thread that runs it: see EngineLoop.build_and_start.
-        loop = EngineLoop.build_and_start(lambda: LLMEngine(config),
-                                          output_thread=config.output_thread)
+        sender = config.sends_from_a_thread(resolve_device(config).type)
+        loop = EngineLoop.build_and_start(lambda: LLMEngine(config), output_thread=sender)
         metrics = EngineMetrics(pb_utils, labels)
         loop.on_step = lambda served: metrics.update(served, loop)
         return cls(config, loop.engine, loop, metrics, pb_utils.Logger.log_info)

@@ -132,6 +132,26 @@ def test_config_errors_name_the_field(model_dir):
         EngineConfig(gpu_kv_cache_bytes=-1)
 
 
+@pytest.mark.parametrize("raw,cpu,cuda", [
+    ("", True, False), ("auto", True, False), ("AUTO", True, False),
+    ("true", True, True), ("1", True, True), ("off", False, False), ("false", False, False),
+])
+def test_output_thread_is_on_for_the_cpu_unless_set(monkeypatch, raw, cpu, cuda):
+    monkeypatch.delenv("LLM_ENGINE_OUTPUT_THREAD", raising=False)
+    config = EngineConfig.from_parameters({"output_thread": raw})
+    assert config.sends_from_a_thread("cpu") is cpu
+    assert config.sends_from_a_thread("cuda") is cuda
+    monkeypatch.setenv("LLM_ENGINE_OUTPUT_THREAD", "0")
+    assert not EngineConfig.from_parameters({"output_thread": raw}).sends_from_a_thread("cpu")
+
+
+def test_output_thread_rejects_what_is_not_auto_or_a_bool():
+    with pytest.raises(ConfigError, match="output_thread"):
+        EngineConfig.from_parameters({"output_thread": "sometimes"})
+    with pytest.raises(ConfigError, match="output_thread"):
+        EngineConfig(output_thread="on")  # the constructor takes the parsed spelling only
+
+
 def test_gpu_kv_cache_bytes_comes_from_the_environment(model_dir, monkeypatch):
     # serve sets this for instances sharing a GPU; on the CPU the engine ignores it.
     monkeypatch.setenv("LLM_ENGINE_GPU_KV_CACHE_BYTES", str(3 << 30))

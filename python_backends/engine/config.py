@@ -45,9 +45,11 @@ class EngineConfig:
     blockq_gemm: bool = True
     # Served: hand each step's outputs to a sender thread, so that building and sending
     # responses (detokenizing, for `llm`) overlaps the next step instead of delaying it.
-    # Off: on one H100 through `llm` (c=64) it did not raise tok/s beyond the noise and
-    # raised TTFT p50 from ~90 to ~240 ms (docs/benchmarks/gpu-notes.md).
-    output_thread: bool = False
+    # auto: on for the CPU (served c=32 on 2 cores: 1.20x the tokens/s, median of 3
+    # alternating pairs; c=1 unchanged), off on a GPU, where the last measurement (no gain,
+    # TTFT p50 ~90 -> ~240 ms) predates the loop's no longer waiting on a sending request
+    # (docs/benchmarks/gpu-notes.md). Or true / false.
+    output_thread: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +68,9 @@ class EngineConfig:
             raise ConfigError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+        if self.output_thread not in ("auto", "true", "false"):
+            raise ConfigError(
+                f"output_thread must be auto, true or false, got {self.output_thread!r}")
         if self.model_dir and not (Path(self.model_dir) / "config.json").exists():
             raise ConfigError(f"model_dir {self.model_dir!r} has no config.json")
 
@@ -92,20 +97,23 @@ class EngineConfig:
             values[key] = _parse(key, raw, fields[key].type)
         return cls(**values)
 
+    def sends_from_a_thread(self, device_type: str) -> bool:
+        """Whether the served loop hands outputs to a sender thread, on this device type."""
+        if self.output_thread == "auto":
+            return device_type == "cpu"
+        return self.output_thread == "true"
+
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k != "extra"})
 
 
 def _parse(key: str, raw: str, annotation: Any) -> Any:
-    kind = str(annotation)
+    kind = "auto or bool" if key == "output_thread" else str(annotation)
     try:
+        if kind == "auto or bool":
+            return "auto" if raw.lower() == "auto" else str(_parse_bool(raw)).lower()
         if kind == "bool":
-            lowered = raw.lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
+            return _parse_bool(raw)
         if kind == "int":
             return int(float(raw)) if "e" in raw.lower() else int(raw)
         if kind == "float":
@@ -113,3 +121,12 @@ def _parse(key: str, raw: str, annotation: Any) -> Any:
     except ValueError:
         raise ConfigError(f"parameter {key!r}: cannot parse {raw!r} as {kind}") from None
     return raw
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
