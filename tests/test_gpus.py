@@ -127,11 +127,40 @@ def test_serve_kv_cache_override_and_its_bounds(monkeypatch):
 def test_ports_handed_out_together_are_distinct(monkeypatch):
     from python_backends.tools import triton_server
 
-    # The kernel may offer a just-released port again: the helpers must not hand it out twice.
+    # Where the ephemeral range leaves no room below it, the kernel chooses, and it may offer
+    # a just-released port again: the helpers must not hand it out twice.
+    monkeypatch.setattr(triton_server, "ephemeral_port_range", lambda: (1024, 60999))
     offers = iter([5000, 5000, 5000, 5001, 5002])
     monkeypatch.setattr(triton_server.socket, "socket", lambda: _FakeSocket(next(offers)))
     assert triton_server.free_port(avoid={5000}) == 5001
     assert triton_server.distinct_ports(7000, 7000, 7001) == (7000, 5002, 7001)
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_bindable(monkeypatch):
+    """Outgoing connections take ports from the ephemeral range; a port chosen below it
+    cannot be taken by one before the server binds it."""
+    import socket
+
+    from python_backends.tools import triton_server
+
+    low, _ = triton_server.ephemeral_port_range()
+    if low - 10000 < 1000:
+        pytest.skip(f"the ephemeral range starts at {low}: no room below it")
+    taken: set[int] = set()
+    for _ in range(20):
+        port = triton_server.free_port(avoid=taken)
+        assert 10000 <= port < low and port not in taken
+        taken.add(port)
+        with socket.socket() as sock:
+            sock.bind(("0.0.0.0", port))
+    # A port something listens on, offered first, is passed over.
+    busy = triton_server.free_port()
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", busy))
+        held.listen()
+        offers = iter([busy, busy + 1 if busy + 1 < low else busy - 1])
+        monkeypatch.setattr(triton_server._ports, "choice", lambda ports: next(offers))
+        assert triton_server.free_port() != busy
 
 
 class _FakeSocket:

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import importlib.util
 import os
+import random
 import shutil
 import signal
 import socket
@@ -57,14 +58,42 @@ def prepare_backend_dir(backend_dir: Path = DEFAULT_BACKEND_DIR) -> Path:
     return backend_dir
 
 
+def ephemeral_port_range() -> tuple[int, int]:
+    """The ports the kernel hands to outgoing connections and to bind(port 0)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+# Below the ephemeral range: no outgoing connection (a client's, a stub's) can take such a
+# port between free_port() and the server's bind, as one can take a port that bind(0) chose.
+_LISTEN_PORTS_FROM = 10000
+_ports = random.Random()
+
+
 def free_port(avoid: set[int] | None = None) -> int:
     """A port nothing listens on now, not in `avoid` (ports the caller has handed out but
-    that nothing has bound yet: the kernel may offer a just-released port again)."""
-    for _ in range(100):
+    that nothing has bound yet), below the ephemeral range where it has room (else the
+    kernel's choice, which may offer a just-released port again)."""
+    avoid = avoid or set()
+    low, _ = ephemeral_port_range()
+    below = range(_LISTEN_PORTS_FROM, low) if low - _LISTEN_PORTS_FROM >= 1000 else None
+    for _ in range(200):
         with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if not avoid or port not in avoid:
+            if below is None:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            else:
+                port = _ports.choice(below)
+                if port in avoid:
+                    continue
+                try:
+                    sock.bind(("0.0.0.0", port))
+                except OSError:
+                    continue
+        if port not in avoid:
             return port
     raise RuntimeError("no free port found outside the ones already handed out")
 
