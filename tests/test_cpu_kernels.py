@@ -218,6 +218,31 @@ def test_work_dealt_out_in_chunks_gives_the_same_bits_at_any_thread_count(thread
 
 
 @built
+def test_argmax_rows_is_torch_argmax():
+    """Greedy sampling's pick: the first of equal maxima, a NaN before any number, rows of
+    any length (vector body and tail) and rows with a stride."""
+    torch.manual_seed(0)
+    cases = [torch.randn(rows, n) for rows, n in ((32, 49152), (1, 7), (5, 16), (3, 17),
+                                                   (4, 100), (2, 1))]
+    ties = torch.zeros(4, 100)
+    ties[0, 5] = ties[0, 50] = 1.0  # the same lane's later equal
+    ties[1, 99] = ties[1, 3] = 2.0  # another lane's earlier equal
+    ties[2] = float("-inf")  # everything masked: index 0, as torch
+    ties[3, 17] = ties[3, 33] = 3.0  # equals in two lanes
+    nan = torch.randn(3, 64)
+    nan[0, 40] = nan[0, 60] = float("nan")
+    nan[1, 3] = float("nan")
+    nan[2, 63] = float("nan")  # in the last vector
+    cases += [ties, nan, torch.randn(6, 300)[:, 10:210]]
+    for x in cases:
+        assert torch.equal(cpu_kernels.argmax_rows(x), x.argmax(dim=-1)), x.shape
+    with pytest.raises(RuntimeError, match="x must be"):
+        cpu_kernels.argmax_rows(torch.randn(10))
+    with pytest.raises(RuntimeError, match="x must be"):
+        cpu_kernels.argmax_rows(torch.randn(4, 0))
+
+
+@built
 def test_linear_rejects_what_it_cannot_multiply():
     packed = cpu_kernels.pack_linear_weight(torch.randn(50, 8))
     with pytest.raises(RuntimeError, match=r"x must be \[rows, 8\]"):
@@ -329,3 +354,6 @@ def test_the_avx2_build_computes_the_same(tmp_path):
                           atol=1e-5)
     x = torch.randn(33, 2 * 100)
     torch.testing.assert_close(avx2.silu_and_mul(x), cpu_kernels.silu_and_mul(x))
+    logits = torch.randn(5, 1000)
+    logits[1, 7] = float("nan")
+    assert torch.equal(avx2.argmax_rows(logits), logits.argmax(dim=-1))

@@ -7,7 +7,8 @@ mul, and paged decode attention that reads the cache in place. Prefill attention
 PyTorch's SDPA (its flash kernel does long prompts better than a simple loop would), with
 the chunks of a step batched by shape.
 
-The extension also has the fused path's GEMM, `pack_linear_weight` and `linear`, which
+The extension also has greedy sampling's argmax over the logits (`argmax_rows`), and the
+fused path's GEMM, `pack_linear_weight` and `linear`, which
 `llama.Linear` multiplies through (CUDA's path uses cuBLAS for that), and, where the build
 and the processor have AMX, `blockq_linear` for exactly block-quantized weights
 (`block_quant`).
@@ -47,6 +48,7 @@ if _native is not None:
     gemm_tile = _native.gemm_tile
     blockq_available = _native.blockq_available
     blockq_linear = _native.blockq_linear
+    argmax_rows = _native.argmax_rows  # torch.argmax(x, dim=-1) of float32 rows, vectorized
 
 
 def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

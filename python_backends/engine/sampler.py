@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from python_backends.engine.sequence import Sequence
 
 
 class Sampler:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device,
+                 argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.device = device
+        # Each row's argmax, as logits.argmax(dim=-1) computes it (e.g. the CPU kernels').
+        self._argmax = argmax or (lambda logits: logits.argmax(dim=-1))
         # One generator per seeded sequence, so a seed gives the same tokens whatever
         # else shares the batch.
         self._generators: dict[int, torch.Generator] = {}
@@ -24,7 +29,7 @@ class Sampler:
                 # Ban the word's last token where the text so far ends with the rest of it.
                 if len(word) == 1 or tuple(seq.all_token_ids[-(len(word) - 1):]) == word[:-1]:
                     logits[row, word[-1]] = float("-inf")
-        tokens = logits.argmax(dim=-1).tolist()
+        tokens = self._argmax(logits).tolist()
         for row, seq in enumerate(seqs):
             if not seq.sampling.greedy:
                 tokens[row] = self._sample_one(logits[row], seq)
