@@ -9,13 +9,16 @@ llm_engine_prefix_cache_queried_tokens_total and llm_engine_prefix_cache_hit_tok
 (hit rate = hit / queried, in tokens).
 Histograms: llm_engine_time_to_first_token_seconds, llm_engine_time_per_output_token_seconds.
 
-Every update is a call into the server, so values are published only when they change.
+Every update is a call into the server, so values are published only when they change, and
+at most every `min_interval_s` (0.1 s, the TensorRT-LLM backend's stats period) while the
+engine works; at once when it falls idle, so a finished request's counts show without delay.
 `pb_utils` is passed in (it exists only inside Triton), which keeps this testable.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -58,7 +61,10 @@ TPOT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5]
 
 
 class EngineMetrics:
-    def __init__(self, pb_utils: Any, labels: dict[str, str]) -> None:
+    def __init__(self, pb_utils: Any, labels: dict[str, str], min_interval_s: float = 0.1,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.min_interval_s, self._clock = min_interval_s, clock
+        self._published_at: float | None = None
         family = pb_utils.MetricFamily
         # Keep the families: a Metric whose MetricFamily was garbage-collected fails on update.
         self._families = {
@@ -77,8 +83,15 @@ class EngineMetrics:
         self._failed = False
 
     def update(self, engine: Any, loop: Any) -> None:
-        """Publish what changed since the last call; never raises."""
+        """Publish what changed since the last publication, if `min_interval_s` has passed
+        or the engine has nothing left to do; never raises."""
         try:
+            now = self._clock()
+            if (self._published_at is not None
+                    and now - self._published_at < self.min_interval_s
+                    and engine.has_unfinished()):
+                return
+            self._published_at = now
             for name, (kind, _, read) in _SERIES.items():
                 value = read(engine, loop)
                 last = self._last[name]

@@ -35,8 +35,11 @@ class EngineService:
         config = EngineConfig.from_parameters(parameters)
         # Built on the thread that runs it: see EngineLoop.build_and_start.
         sender = config.sends_from_a_thread(resolve_device(config).type)
-        loop = EngineLoop.build_and_start(lambda: LLMEngine(config), output_thread=sender)
-        metrics = EngineMetrics(pb_utils, labels)
+        loop = EngineLoop.build_and_start(
+            lambda: LLMEngine(config), output_thread=sender,
+            cancel_poll_interval_s=config.cancellation_check_period_ms / 1000)
+        metrics = EngineMetrics(pb_utils, labels,
+                                min_interval_s=config.stats_check_period_ms / 1000)
         loop.on_step = lambda served: metrics.update(served, loop)
         return cls(config, loop.engine, loop, metrics, pb_utils.Logger.log_info)
 

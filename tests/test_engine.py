@@ -130,6 +130,10 @@ def test_config_errors_name_the_field(model_dir):
     assert cfg.block_size == 16
     with pytest.raises(ConfigError, match="gpu_kv_cache_bytes"):
         EngineConfig(gpu_kv_cache_bytes=-1)
+    with pytest.raises(ConfigError, match="cancellation_check_period_ms"):
+        EngineConfig.from_parameters({"cancellation_check_period_ms": "-5"})
+    with pytest.raises(ConfigError, match="stats_check_period_ms"):
+        EngineConfig.from_parameters({"stats_check_period_ms": "often"})
 
 
 @pytest.mark.parametrize("raw,cpu,cuda", [

@@ -40,12 +40,14 @@ def fake_engine(running=0, generated=0, hits=0):
         block_manager=SimpleNamespace(num_used_blocks=0, num_blocks=10,
                                       stats=PrefixCacheStats(queried_tokens=hits, hit_tokens=hits)),
         scheduler=SimpleNamespace(num_preemptions=0),
+        has_unfinished=lambda: running > 0,
     )
 
 
 def test_publishes_only_changes_and_counter_deltas():
     FakeFamily.log = []
-    metrics = EngineMetrics(SimpleNamespace(MetricFamily=FakeFamily), {"model": "engine"})
+    metrics = EngineMetrics(SimpleNamespace(MetricFamily=FakeFamily), {"model": "engine"},
+                            min_interval_s=0.0)
     loop = SimpleNamespace(num_aborted=0)
     metrics.update(fake_engine(running=2, generated=5), loop)
     first = list(FakeFamily.log)
@@ -69,3 +71,25 @@ def test_publishes_only_changes_and_counter_deltas():
 def test_never_raises():
     metrics = EngineMetrics(SimpleNamespace(MetricFamily=FakeFamily), {})
     metrics.update(object(), object())  # broken inputs: logged once, swallowed
+
+
+def test_publishes_at_most_every_interval_while_busy_and_at_once_when_idle():
+    FakeFamily.log = []
+    now = [100.0]
+    metrics = EngineMetrics(SimpleNamespace(MetricFamily=FakeFamily), {}, min_interval_s=0.1,
+                            clock=lambda: now[0])
+    loop = SimpleNamespace(num_aborted=0)
+    metrics.update(fake_engine(running=2, generated=5), loop)  # the first: at once
+    assert ("inc", "llm_engine_generated_tokens_total", 5) in FakeFamily.log
+    FakeFamily.log.clear()
+    now[0] += 0.05
+    metrics.update(fake_engine(running=2, generated=7), loop)  # busy, too soon: held back
+    assert FakeFamily.log == []
+    now[0] += 0.06
+    metrics.update(fake_engine(running=2, generated=9), loop)  # the interval passed
+    assert ("inc", "llm_engine_generated_tokens_total", 4) in FakeFamily.log
+    FakeFamily.log.clear()
+    now[0] += 0.01
+    metrics.update(fake_engine(running=0, generated=10), loop)  # idle: nothing held back
+    assert ("inc", "llm_engine_generated_tokens_total", 1) in FakeFamily.log
+    assert ("set", RUNNING, 0) in FakeFamily.log

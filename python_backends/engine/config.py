@@ -50,6 +50,12 @@ class EngineConfig:
     # TTFT p50 ~90 -> ~240 ms) predates the loop's no longer waiting on a sending request
     # (docs/benchmarks/gpu-notes.md). Or true / false.
     output_thread: str = "auto"
+    # Served: how often the loop asks Triton whether live requests were cancelled, and how
+    # often it publishes its metrics while busy (at once when it falls idle). Each is a call
+    # into the server per request or metric; the names and 100 ms defaults are the
+    # TensorRT-LLM backend's.
+    cancellation_check_period_ms: int = 100
+    stats_check_period_ms: int = 100
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -61,7 +67,8 @@ class EngineConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("max_num_batched_tokens", "max_model_len", "num_threads",
-                     "gpu_kv_cache_bytes"):
+                     "gpu_kv_cache_bytes", "cancellation_check_period_ms",
+                     "stats_check_period_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
