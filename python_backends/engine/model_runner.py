@@ -18,6 +18,7 @@ import logging
 
 import torch
 
+from python_backends.engine import cpu_kernels
 from python_backends.engine.config import EngineConfig
 from python_backends.engine.llama import AttentionMetadata, LlamaConfig, load_model
 from python_backends.engine.sampler import Sampler
@@ -88,8 +89,6 @@ class ModelRunner:
             )
             for _ in range(self.model_config.num_hidden_layers)
         ]
-        from python_backends.engine import cpu_kernels
-
         # Greedy's argmax over 49,152 logits a row: PyTorch's CPU argmax was ~6% of a decode
         # step at 32 rows; the kernel's is the same function, vectorized.
         on_cpu_kernels = self.model.kernels is cpu_kernels
@@ -120,18 +119,14 @@ class ModelRunner:
         gemm = self.model.cpu_gemm
         gemms = f", GEMMs: {gemm}" if gemm else ""
         if gemm and "cpu_kernels" in gemm:
-            from python_backends.engine import cpu_kernels
-
             gemms += f" ({cpu_kernels.gemm_tile()} tile)"
         kernels = self.model.kernels
         if kernels is not None:
             return f"fused kernels: {kernels.__name__.rsplit('.', 1)[-1]}{gemms}"
-        if self.device.type == "cpu" and self.dtype == torch.float32:
-            from python_backends.engine import cpu_kernels
-
-            if self.config.native_cpu_kernels and not cpu_kernels.available():
-                return (f"plain PyTorch ops{gemms} (C++ kernels not built: "
-                        f"{cpu_kernels.IMPORT_ERROR})")
+        if (self.device.type == "cpu" and self.dtype == torch.float32
+                and self.config.native_cpu_kernels and not cpu_kernels.available()):
+            return (f"plain PyTorch ops{gemms} (C++ kernels not built: "
+                    f"{cpu_kernels.IMPORT_ERROR})")
         return f"plain PyTorch ops{gemms}"
 
     @property
